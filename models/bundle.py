@@ -1,0 +1,200 @@
+"""Model bundles (DESIGN §6): a versioned folder that holds everything needed to rebuild and serve a model.
+
+    artifacts/models/<name>/<version>/
+        manifest.json          model type + config, feature schema, table sizes, metrics, checksums, version
+        weights.safetensors    state dict (tensors only: loading never executes code)
+        vocab/<feature>.json   encodings: vocabularies, hash buckets, dense statistics
+        items.parquet          the catalog the item tower encodes, with training `popularity`
+        users.parquet          profiles + recent `history` (item ids, oldest first): the embedded user state
+
+The version is a hash of the content, so the same model trained twice on the same data lands in the same folder.
+Writing goes to a temporary folder that is renamed into place only when complete.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import TypeAdapter, ValidationError
+from safetensors.torch import load_file, save_file
+
+from models.errors import QuiverError
+from models.features import FeatureEncoder, FeatureGroups
+from models.match import MatchModel
+from models.registry import ModelConfig, build_model
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+LATEST = "LATEST"
+
+
+@dataclass
+class ModelBundle:
+    path: Path
+    manifest: dict[str, Any]
+    model: MatchModel  # eval mode
+    encoder: FeatureEncoder
+    items: pa.Table
+    users: pa.Table
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_pointer(path: Path, value: str) -> None:
+    """Atomically replace a one-line pointer file (LATEST / CURRENT)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_bundle(
+    root: str | Path,
+    name: str,
+    model: MatchModel,
+    model_config: dict[str, Any],
+    encoder: FeatureEncoder,
+    items: pa.Table,
+    users: pa.Table,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete bundle under root/name/<version>/ and point root/name/LATEST at it; returns its path."""
+    parent = Path(root) / name
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".tmp-"))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        for rel, text in encoder.to_files().items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(text)
+        pq.write_table(items, tmp / "items.parquet")
+        pq.write_table(users, tmp / "users.parquet")
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        checksums = {rel: _sha256(tmp / rel) for rel in files}
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "name": name,
+            "model_type": model_config["type"],
+            "model": model_config,
+            "features": encoder.groups.model_dump(mode="json"),
+            "table_sizes": encoder.table_sizes(),
+            "embedding_dim": model_config.get("output_dim"),
+            "similarity": model.similarity,
+            "num_items": items.num_rows,
+            "num_users": users.num_rows,
+            "files": checksums,
+            **(extra or {}),
+        }
+        # The version hashes the content only (not the creation time): same model, same version.
+        version = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        manifest["version"] = version
+        manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        _fsync_tree(tmp)
+        final = parent / version
+        if final.exists():
+            shutil.rmtree(tmp)  # identical content is already published
+        else:
+            os.rename(tmp, final)
+        write_pointer(parent / LATEST, version)
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_bundle(path: str | Path) -> Path:
+    """A version folder, or a model folder whose LATEST names one."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return p
+    pointer = p / LATEST
+    if pointer.is_file():
+        version = pointer.read_text().strip()
+        if (p / version / MANIFEST).is_file():
+            return p / version
+        raise QuiverError(f"{pointer}: names version {version!r}, which has no {MANIFEST}")
+    raise QuiverError(f"{p}: not a model bundle (no {MANIFEST}, no {LATEST})")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise QuiverError(f"{path / MANIFEST}: unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise QuiverError(f"{path / MANIFEST}: not a format-{FORMAT} model bundle manifest")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    for rel, digest in manifest.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            raise QuiverError(f"{f}: missing from the bundle")
+        if _sha256(f) != digest:
+            raise QuiverError(f"{f}: checksum mismatch (corrupted or modified bundle)")
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> ModelBundle:
+    """Rebuild the model from manifest + safetensors weights; nothing is unpickled."""
+    p = resolve_bundle(path)
+    manifest = read_manifest(p)
+    if verify:
+        verify_files(p, manifest)
+    try:
+        groups = FeatureGroups.model_validate(manifest["features"])
+        model_cfg = TypeAdapter(ModelConfig).validate_python(manifest["model"])
+    except (KeyError, ValidationError) as err:
+        raise QuiverError(f"{p / MANIFEST}: invalid model or feature section ({err})") from None
+    vocab_files = {rel: (p / rel).read_text() for rel in manifest["files"] if rel.startswith("vocab/")}
+    encoder = FeatureEncoder.from_files(groups, vocab_files)
+    model = build_model(model_cfg, groups, {k: int(v) for k, v in manifest["table_sizes"].items()})
+    state = load_file(str(p / WEIGHTS), device="cpu")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise QuiverError(f"{p / WEIGHTS}: weights do not match the manifest's model ({err})") from None
+    model.to(device).eval()
+    return ModelBundle(
+        p, manifest, model, encoder, pq.read_table(p / "items.parquet"), pq.read_table(p / "users.parquet")
+    )

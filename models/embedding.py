@@ -1,0 +1,55 @@
+"""Embedding tables for every feature, and the pooling that turns a feature group into one vector per row."""
+
+import torch
+from torch import nn
+
+from models.features import FeatureConfig, FeatureGroups
+
+
+class FeatureEmbedding(nn.Module):
+    """One table per feature that owns a vocabulary; `shared_with` features look up their owner's table.
+
+    A group's output is the concatenation of its features: id -> (B, E), multi_id / sequence -> mean over the
+    non-padding positions (B, E) (zeros when empty), dense -> the standardised value itself (B, 1).
+    """
+
+    def __init__(self, groups: FeatureGroups, table_sizes: dict[str, int], init_std: float = 0.05) -> None:
+        super().__init__()
+        self.groups = groups
+        self.tables = nn.ModuleDict()
+        for f in groups.all():
+            if f.kind == "dense" or f.shared_with is not None:
+                continue
+            table = nn.Embedding(table_sizes[f.name], f.embedding_dim, padding_idx=0)
+            nn.init.normal_(table.weight, std=init_std)
+            with torch.no_grad():
+                table.weight[0].zero_()
+            self.tables[f.name] = table
+
+    def table(self, f: FeatureConfig) -> nn.Embedding:
+        return self.tables[f.shared_with or f.name]  # type: ignore[return-value]
+
+    def group_dim(self, group: str) -> int:
+        return sum(1 if f.kind == "dense" else f.embedding_dim for f in self.groups.group(group))
+
+    def lookup(self, f: FeatureConfig, x: torch.Tensor) -> torch.Tensor:
+        """Un-pooled embeddings: (B,) -> (B, E), (B, T) -> (B, T, E)."""
+        return self.table(f)(x)
+
+    def forward(self, group: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for f in self.groups.group(group):
+            x = batch[f.name]
+            if f.kind == "dense":
+                parts.append(x.float().unsqueeze(-1))  # (B, 1)
+            elif x.dim() == 1:
+                parts.append(self.lookup(f, x))  # (B, E)
+            else:
+                parts.append(masked_mean(self.lookup(f, x), x != 0))  # (B, T, E) -> (B, E)
+        return torch.cat(parts, dim=-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, E), (B, T) -> (B, E); rows with no valid position give zeros, not NaN."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)

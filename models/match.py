@@ -1,0 +1,54 @@
+"""MatchModel: the two-tower contract every retrieval model (DSSM, DAT, MIND) implements.
+
+A subclass supplies `user_tower` and `item_tower`; this class owns what they share: normalisation for cosine
+similarity, the similarity layout of DESIGN §3 and the temperature.
+"""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.embedding import FeatureEmbedding
+from models.similarity import similarity
+
+Similarity = Literal["cosine", "inner_product"]
+
+
+class MatchModel(nn.Module):
+    def __init__(self, embedding: FeatureEmbedding, similarity: Similarity, temperature: float) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.similarity = similarity
+        self.temperature = temperature
+
+    def user_tower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """User features (+ history) -> (B, D)."""
+        raise NotImplementedError
+
+    def item_tower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Item features -> (N, D)."""
+        raise NotImplementedError
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if self.similarity == "cosine" else x
+
+    def user_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.finish(self.user_tower(batch))
+
+    def item_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.finish(self.item_tower(batch))
+
+    def forward(
+        self,
+        user_batch: dict[str, torch.Tensor],
+        item_batch: dict[str, torch.Tensor],
+        *,
+        in_batch: bool,
+        hard_neg_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scaled logits sim(u, v, hard) / tau; both towers run inside one forward so DDP sees one graph."""
+        u = self.user_embedding(user_batch)  # (B, D)
+        v = self.item_embedding(item_batch)  # (B + N + H, D)
+        return similarity(u, v, in_batch=in_batch, hard_neg_indices=hard_neg_indices) / self.temperature

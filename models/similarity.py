@@ -1,0 +1,77 @@
+"""MatchModel similarity, loss and training Recall@K exactly as DESIGN §3.
+
+Item rows arrive stacked as [positives (B); sampled negatives (N); hard negatives (H)]. With in-batch negatives
+N = 0 and the positives of the other rows are the negatives.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def similarity(
+    u: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    in_batch: bool,
+    hard_neg_indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """u (B, D), v (B + N + H, D) -> logits.
+
+    in-batch: (B, B [+ S]), label of row i is column i. sampled: (B, 1 + N [+ S]), the positive is column 0.
+    hard_neg_indices (H, 2) = (row, slot): hard negative j is scored against its own user only and lands at
+    (row_j, slot_j) of a (B, S = max_slot + 1) block; empty cells hold the dtype's most negative finite value
+    (no NaN, no gradient).
+    """
+    b = u.shape[0]
+    h = 0 if hard_neg_indices is None else hard_neg_indices.shape[0]
+    n_items = v.shape[0] - h
+    if in_batch:
+        if n_items != b:
+            raise ValueError(
+                f"in-batch similarity needs B item rows before the hard negatives, got {n_items} for B={b}"
+            )
+        blocks = [u @ v[:b].T]  # (B, B)
+    else:
+        pos = (u * v[:b]).sum(-1, keepdim=True)  # (B, 1)
+        neg = u @ v[b:n_items].T  # (B, N)
+        blocks = [pos, neg]
+    if h:
+        assert hard_neg_indices is not None
+        blocks.append(hard_block(u, v[n_items:], hard_neg_indices))
+    return torch.cat(blocks, dim=1)
+
+
+def hard_block(u: torch.Tensor, hard: torch.Tensor, hard_neg_indices: torch.Tensor) -> torch.Tensor:
+    """u (B, D), hard (H, D), indices (H, 2) -> (B, S) by a dense scatter (index_put), not a sparse tensor."""
+    rows, slots = hard_neg_indices[:, 0], hard_neg_indices[:, 1]
+    scores = (u[rows] * hard).sum(-1)  # (H,)
+    width = int(slots.max().item()) + 1
+    empty = torch.full((u.shape[0], width), torch.finfo(scores.dtype).min, dtype=scores.dtype, device=u.device)
+    return empty.index_put((rows, slots), scores)
+
+
+def labels_for(logits: torch.Tensor, in_batch: bool) -> torch.Tensor:
+    """Labels come from the shape: arange in-batch, column 0 with a sampler."""
+    b = logits.shape[0]
+    if in_batch:
+        return torch.arange(b, device=logits.device)
+    return torch.zeros(b, dtype=torch.long, device=logits.device)
+
+
+def softmax_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax cross-entropy; weighted as mean(ce * w) / mean(w), and 0 when the weights sum to 0."""
+    ce = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+    if weights is None:
+        return ce.mean()
+    w_mean = weights.mean()
+    if w_mean.item() == 0:
+        return (ce * 0).sum()
+    return (ce * weights).mean() / w_mean
+
+
+def recall_at_k(logits: torch.Tensor, in_batch: bool, k: int) -> tuple[int, int]:
+    """Training Recall@K: target mask is the identity in-batch, column 0 with a sampler; returns (hits, total)."""
+    target = torch.zeros_like(logits, dtype=torch.bool)
+    target[torch.arange(logits.shape[0]), labels_for(logits, in_batch)] = True
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (B, K)
+    return int(target.gather(1, top).sum().item()), int(target.sum().item())

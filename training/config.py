@@ -1,0 +1,111 @@
+"""The training config: one YAML file, validated by pydantic before anything runs.
+
+A wrong key or type is reported with its dotted path (`train.lr: Input should be a valid number`), never a traceback.
+"""
+
+from pathlib import Path
+from typing import Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.errors import QuiverError
+from models.features import FeatureGroups
+from models.registry import ModelConfig
+from training.data.config import DataConfig
+
+
+class NegativeConfig(BaseModel):
+    """in_batch: the other rows' positives are the negatives. sampled: `num` items per batch drawn from the
+    catalog by popularity^alpha (alpha 0 = uniform), excluding the batch's positives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["in_batch", "sampled"] = "sampled"
+    num: int = Field(default=1024, ge=1)
+    alpha: float = Field(default=0.75, ge=0.0)
+    log_q: bool = True
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=1024, ge=2)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    optimizer: Literal["adam", "adagrad"] = "adam"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = Field(default=1, ge=1)  # torch intra-op threads per process (oversubscription is slow)
+    recall_k: int = Field(default=10, ge=1)  # the in-batch training metric shown in the progress bar
+    valid_metric: str = "Recall@20"  # picks the best epoch; computed by full ranking on the validation split
+    valid_users: int = Field(default=5000, ge=1)  # validation subsample, for speed
+    max_minutes: float | None = Field(default=None, gt=0)  # stop after the epoch that crosses this budget
+    progress: bool = True
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = "artifacts/models"
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ks: list[int] = Field(default_factory=lambda: [10, 20, 50, 100])
+    sampled_k: int = Field(default=10, ge=1)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: DataConfig
+    features: FeatureGroups
+    model: ModelConfig
+    negatives: NegativeConfig = Field(default_factory=NegativeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Self:
+        metric, _, k = self.train.valid_metric.partition("@")
+        if metric not in ("Recall", "HR", "NDCG") or not k.isdigit() or int(k) < 1:
+            raise ValueError(f"train.valid_metric: expected Recall@K, HR@K or NDCG@K, got {self.train.valid_metric!r}")
+        if any(k < 1 for k in self.eval.ks):
+            raise ValueError("eval.ks: every K must be >= 1")
+        return self
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """All problems on one line, each with its dotted key path."""
+    parts = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        parts.append(f"{path}: {e['msg']}" if path else e["msg"])
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def parse_config(data: object, source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise QuiverError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise QuiverError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise QuiverError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise QuiverError(f"{path}: expected a mapping of config sections at the top level")
+    return parse_config(data, str(path))

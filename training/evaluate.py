@@ -1,0 +1,101 @@
+"""Offline evaluation: full-catalog ranking (training items excluded), the sampled protocol where a negatives file
+exists, and the popularity baseline on the same queries in the same run."""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.bundle import load_bundle
+from models.errors import QuiverError
+from models.match import MatchModel
+from training.config import parse_config
+from training.data.load import load_data
+from training.examples import EncodedData, Queries, encode
+from training.ranking import full_ranking_metrics, popularity_top_k, sampled_metrics, top_k_items
+from training.report import write_report
+
+
+@torch.no_grad()
+def item_vectors(model: MatchModel, enc: EncodedData, device: torch.device, batch: int = 8192) -> torch.Tensor:
+    """(I, D) item-tower output for the whole catalog, in batches."""
+    rows = np.arange(enc.n_items)
+    return torch.cat(
+        [model.item_embedding(enc.item_batch(rows[s : s + batch], device)) for s in range(0, len(rows), batch)]
+    )
+
+
+@torch.no_grad()
+def user_vectors(
+    model: MatchModel, enc: EncodedData, q: Queries, device: torch.device, batch: int = 4096
+) -> torch.Tensor:
+    """(Q, D) user-tower output for each query."""
+    out = [
+        model.user_embedding(enc.user_batch(q.user_row[s : s + batch], q.hist[s : s + batch], device))
+        for s in range(0, len(q.user_row), batch)
+    ]
+    return torch.cat(out)
+
+
+def model_metrics(
+    model: MatchModel, enc: EncodedData, q: Queries, ks: list[int], device: torch.device, sampled_k: int = 10
+) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        users, items = user_vectors(model, enc, q, device), item_vectors(model, enc, device)
+    finally:
+        model.train(was_training)
+    _, top = top_k_items(users, items, q.exclude, max(ks))
+    metrics = full_ranking_metrics(top, q.truth, ks)
+    if q.negatives is not None:
+        first_truth = q.truth.indices[q.truth.indptr[:-1]]  # (Q,) one positive per user
+        pos = (users * items[torch.from_numpy(first_truth)]).sum(-1)  # (Q,)
+        neg = torch.einsum("qd,qmd->qm", users, items[torch.from_numpy(q.negatives)])  # (Q, M)
+        metrics |= {
+            f"sampled_{k}": v for k, v in sampled_metrics(pos.cpu().numpy(), neg.cpu().numpy(), sampled_k).items()
+        }
+    return metrics
+
+
+def popularity_metrics(enc: EncodedData, q: Queries, ks: list[int], sampled_k: int = 10) -> dict[str, float]:
+    top = popularity_top_k(enc.popularity, q.exclude, max(ks))
+    metrics = full_ranking_metrics(top, q.truth, ks)
+    if q.negatives is not None:
+        first_truth = q.truth.indices[q.truth.indptr[:-1]]
+        pos, neg = enc.popularity[first_truth], enc.popularity[q.negatives]
+        metrics |= {f"sampled_{k}": v for k, v in sampled_metrics(pos, neg, sampled_k).items()}
+    return metrics
+
+
+def recall_curve(metrics: dict[str, float], ks: list[int]) -> dict[int, float]:
+    return {k: metrics[f"Recall@{k}"] for k in ks}
+
+
+def evaluate_bundle(bundle_path: str | Path, out_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+    """Re-read the bundle's data with its saved config and encodings, score the test split, write the report."""
+    bundle = load_bundle(bundle_path)
+    cfg = parse_config(bundle.manifest["config"], f"{bundle.path}/manifest.json")
+    torch.set_num_threads(cfg.train.num_threads)
+    raw = load_data(cfg.data)
+    enc = encode(raw, bundle.encoder, cfg.data.max_seq_len)
+    if enc.test is None:
+        raise QuiverError(f"data: {cfg.data.path} has no test split to evaluate")
+    ks, device = cfg.eval.ks, torch.device("cpu")
+    model_m = model_metrics(bundle.model, enc, enc.test, ks, device, cfg.eval.sampled_k)
+    pop_m = popularity_metrics(enc, enc.test, ks, cfg.eval.sampled_k)
+    report = {
+        "bundle": str(bundle.path),
+        "model_version": bundle.version,
+        "model_type": bundle.manifest["model_type"],
+        "data": {"name": raw.name, "path": cfg.data.path, "split": cfg.data.split, "format": cfg.data.format},
+        "protocol": "full-catalog ranking, the user's train+valid items excluded"
+        + ("; sampled: positive vs the negatives file" if enc.test.negatives is not None else ""),
+        "model": model_m,
+        "popularity": pop_m,
+    }
+    out = Path(out_dir) if out_dir else Path("artifacts/reports") / bundle.name / bundle.version
+    curves = {bundle.manifest["model_type"]: recall_curve(model_m, ks), "popularity": recall_curve(pop_m, ks)}
+    write_report(out, report, curves, f"Recall@K on {raw.name} ({cfg.data.split} test split)")
+    return report, out

@@ -1,0 +1,207 @@
+"""Raw tables -> aligned integer arrays the trainer and evaluator index into.
+
+Everything is an array over one of three axes: users (U), catalog items (I) and events (n). A batch is a gather of
+rows, so assembling it costs a few numpy fancy-indexing calls, not a Python loop per sample.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from models.errors import QuiverError
+from models.features import FeatureEncoder
+from training.data.history import build_histories
+from training.data.schema import RawData
+from training.ranking import Csr
+
+LATEST = np.iinfo(np.int64).max  # timestamp of a "now" query: sees every event of the user
+
+
+@dataclass
+class Events:
+    """One row per event: who, which catalog row, how much it counts, what the user had seen before."""
+
+    user_row: np.ndarray  # (n,) int64
+    item_row: np.ndarray  # (n,) int64
+    weight: np.ndarray  # (n,) float32
+    hist: np.ndarray  # (n, L) int64: catalog row + 1 of earlier items, oldest first, 0 = padding
+
+
+@dataclass
+class Queries:
+    """One row per evaluated user: their history at query time and their held-out items."""
+
+    user_row: np.ndarray  # (Q,) int64
+    hist: np.ndarray  # (Q, L) int64, as Events.hist
+    truth: Csr  # Q rows of catalog rows
+    exclude: Csr  # Q rows: items already interacted with, never recommended again
+    negatives: np.ndarray | None = None  # (Q, M) catalog rows of the sampled protocol
+
+
+@dataclass
+class EncodedData:
+    encoder: FeatureEncoder
+    user_ids: pa.Array  # (U,)
+    users: pa.Table  # (U rows) user_id + profile columns, the table user features were encoded from
+    items: pa.Table  # (I rows) the catalog
+    user_feats: dict[str, np.ndarray]  # each (U, ...)
+    item_feats: dict[str, np.ndarray]  # each (I, ...)
+    seq_codes: dict[str, np.ndarray]  # each (I + 1,): catalog row + 1 -> code of that sequence feature
+    popularity: np.ndarray  # (I,) float32 training event count
+    train: Events
+    valid: Queries | None
+    test: Queries | None
+    recent: np.ndarray  # (U, L) catalog row + 1 of each user's latest items over every split: the serving state
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def recent_items(self) -> list[list[str]]:
+        """Each user's latest items as item ids, oldest first."""
+        ids = np.asarray(self.items["item_id"].to_pylist(), dtype=object)
+        return [[str(x) for x in ids[row[row > 0] - 1]] for row in self.recent]
+
+    def user_batch(self, user_row: np.ndarray, hist: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        batch = {name: _tensor(values[user_row], device) for name, values in self.user_feats.items()}
+        for name, codes in self.seq_codes.items():
+            batch[name] = _tensor(codes[hist], device)  # (B, L)
+        return batch
+
+    def item_batch(self, item_row: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        return {name: _tensor(values[item_row], device) for name, values in self.item_feats.items()}
+
+
+def _tensor(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device, non_blocking=True)
+
+
+def user_universe(raw: RawData) -> pa.Table:
+    """Every user of the profile table, then every user seen only in events; profile columns null for those."""
+    ids = [raw.users["user_id"]] if raw.users is not None else []
+    ids += [t["user_id"] for t in (raw.train, raw.valid, raw.test) if t is not None]
+    chunks = [c for column in ids for c in column.chunks]
+    # pc.unique keeps first-seen order, so the profile table's order comes first.
+    universe = pc.unique(pa.chunked_array(chunks, type=pa.string()))
+    table = pa.table({"user_id": universe})
+    if raw.users is None:
+        return table
+    pos = pc.index_in(universe, value_set=raw.users["user_id"].combine_chunks())
+    columns = {"user_id": universe}
+    for name in raw.users.column_names:
+        if name != "user_id":
+            columns[name] = pc.take(raw.users[name], pos)
+    return pa.table(columns)
+
+
+def rows_of(values: pa.ChunkedArray | pa.Array, index: pa.Array, what: str) -> np.ndarray:
+    pos = pc.index_in(values, value_set=index)
+    if pos.null_count:
+        raise QuiverError(f"{pos.null_count} {what} ids are missing from the {what} table")
+    return pos.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def encode(raw: RawData, encoder: FeatureEncoder, max_seq_len: int, valid_users: int | None = None) -> EncodedData:
+    users = user_universe(raw)
+    user_index = users["user_id"].combine_chunks()
+    item_index = raw.items["item_id"].combine_chunks()
+    n_users, n_items = len(users), len(raw.items)
+
+    def rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        u = rows_of(table["user_id"], user_index, "user")
+        i = rows_of(table["item_id"], item_index, "item")
+        return u, i, table["timestamp"].to_numpy().astype(np.int64)
+
+    tu, ti, tt = rows(raw.train)
+    if len(tu) == 0:
+        raise QuiverError("the training split is empty")
+    hist, _ = build_histories(tu, tt, ti + 1, max_seq_len)
+    train = Events(tu, ti, raw.train["weight"].to_numpy().astype(np.float32), hist)
+    popularity = np.bincount(ti, minlength=n_items).astype(np.float32)
+
+    seq_codes = {}
+    for f in encoder.groups.hist:
+        codes = encoder.encode_item_ids(f, raw.items["item_id"])
+        seq_codes[f.name] = np.concatenate([[0], codes]).astype(np.int64)
+
+    valid = test = None
+    if raw.valid is not None and raw.valid.num_rows:
+        vu, vi, _ = rows(raw.valid)
+        valid = make_queries((tu, tt, ti), (vu, vi), n_users, max_seq_len, limit=valid_users)
+    if raw.test is not None and raw.test.num_rows:
+        su, si, _ = rows(raw.test)
+        seen = (tu, tt, ti)
+        if valid is not None:
+            vu, vi, vt = rows(raw.valid)
+            seen = (np.concatenate([tu, vu]), np.concatenate([tt, vt]), np.concatenate([ti, vi]))
+        test = make_queries(seen, (su, si), n_users, max_seq_len)
+        if raw.test_negatives:
+            test.negatives = negatives_for(raw, test.user_row, user_index, item_index)
+    every = [rows(t) for t in (raw.train, raw.valid, raw.test) if t is not None and t.num_rows]
+    all_u, all_i, all_t = (np.concatenate([r[k] for r in every]) for k in range(3))
+    everyone = np.arange(n_users)
+    recent, _ = build_histories(
+        np.concatenate([all_u, everyone]),
+        np.concatenate([all_t, np.full(n_users, LATEST)]),
+        np.concatenate([all_i + 1, np.ones(n_users, dtype=np.int64)]),
+        max_seq_len,
+    )
+    return EncodedData(
+        encoder=encoder,
+        recent=recent[len(all_u) :],
+        user_ids=user_index,
+        users=users,
+        items=raw.items,
+        user_feats=encoder.encode_table("user", users, n_users),
+        item_feats=encoder.encode_table("item", raw.items, n_items),
+        seq_codes=seq_codes,
+        popularity=popularity,
+        train=train,
+        valid=valid,
+        test=test,
+    )
+
+
+def make_queries(
+    seen: tuple[np.ndarray, np.ndarray, np.ndarray],
+    held_out: tuple[np.ndarray, np.ndarray],
+    n_users: int,
+    max_seq_len: int,
+    limit: int | None = None,
+) -> Queries:
+    """One query per user with held-out items: history = their latest seen items, truth = all held-out items."""
+    su, st, si = seen
+    hu, hi = held_out
+    query_users = np.unique(hu)  # (Q,)
+    if limit is not None and len(query_users) > limit:
+        query_users = np.sort(np.random.default_rng(0).choice(query_users, limit, replace=False))
+    # A query row at the end of time sees every earlier event of its user (build_histories excludes ties only).
+    users = np.concatenate([su, query_users])
+    times = np.concatenate([st, np.full(len(query_users), LATEST)])
+    items = np.concatenate([si + 1, np.ones(len(query_users), dtype=np.int64)])
+    hist, _ = build_histories(users, times, items, max_seq_len)
+    q_of_user = np.full(n_users, -1, dtype=np.int64)
+    q_of_user[query_users] = np.arange(len(query_users))
+    keep = q_of_user[hu] >= 0
+    truth = Csr.from_pairs(q_of_user[hu[keep]], hi[keep], len(query_users))
+    seen_keep = q_of_user[su] >= 0
+    exclude = Csr.from_pairs(q_of_user[su[seen_keep]], si[seen_keep], len(query_users))
+    return Queries(query_users, hist[len(su) :], truth, exclude)
+
+
+def negatives_for(raw: RawData, query_users: np.ndarray, user_index: pa.Array, item_index: pa.Array) -> np.ndarray:
+    """(Q, M) catalog rows of each query user's sampled-protocol negatives."""
+    assert raw.test_negatives is not None
+    ids = pc.take(user_index, pa.array(query_users)).to_pylist()
+    missing = [u for u in ids if u not in raw.test_negatives]
+    if missing:
+        raise QuiverError(f"negatives file has no row for user {missing[0]!r} ({len(missing)} test users missing)")
+    lists = [raw.test_negatives[u] for u in ids]
+    m = len(lists[0])
+    if any(len(x) != m for x in lists):
+        raise QuiverError("negatives file: every user must have the same number of negatives")
+    flat = pa.array([i for x in lists for i in x], pa.string())
+    return rows_of(flat, item_index, "item").reshape(len(ids), m)

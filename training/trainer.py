@@ -1,0 +1,212 @@
+"""`quiver-train fit`: train a match model from a validated config and write its model bundle.
+
+Runs single-process, or data-parallel under `torchrun` (DistributedDataParallel; gloo on CPU, nccl on CUDA): each
+process takes every world-th example of the epoch's permutation, gradients are averaged, rank 0 validates and
+writes the bundle.
+"""
+
+import copy
+import hashlib
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from models.bundle import save_bundle
+from models.features import FeatureEncoder
+from models.match import MatchModel
+from models.registry import build_model
+from models.similarity import labels_for, recall_at_k, softmax_loss
+from training.config import Config
+from training.data.load import load_data
+from training.data.schema import RawData
+from training.evaluate import model_metrics
+from training.examples import EncodedData, encode
+from training.sampler import NegativeSampler, log_q_correction
+
+
+@dataclass
+class FitResult:
+    bundle: Path | None  # None on ranks other than 0
+    metrics: dict[str, Any]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(setting: str, local_rank: int) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def data_fingerprint(raw: RawData) -> str:
+    """Hash of the training events, so a bundle names the exact data that made it."""
+    h = hashlib.sha256()
+    for column in ("user_id", "item_id", "timestamp"):
+        for chunk in raw.train[column].chunks:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    h.update(buf)
+    return h.hexdigest()[:16]
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, config_dict: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.config_dict = config_dict
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+        torch.set_num_threads(cfg.train.num_threads)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        seed_everything(cfg.train.seed)
+        self.raw = load_data(cfg.data)
+        self.encoder = FeatureEncoder.fit(cfg.features, self.raw.train, self.raw.users, self.raw.items)
+        self.enc: EncodedData = encode(self.raw, self.encoder, cfg.data.max_seq_len, cfg.train.valid_users)
+        self.model: MatchModel = build_model(cfg.model, cfg.features, self.encoder.table_sizes()).to(self.device)
+        self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
+        self.optimizer = make_optimizer(cfg, self.model)
+        neg = cfg.negatives
+        self.sampler = (
+            NegativeSampler(self.enc.popularity, neg.num, neg.alpha, cfg.train.seed * 1000 + self.rank)
+            if neg.mode == "sampled"
+            else None
+        )
+
+    def shard(self, epoch: int) -> np.ndarray:
+        """This process's example order for the epoch; every rank gets the same count so DDP steps stay in step."""
+        perm = np.random.default_rng(self.cfg.train.seed + epoch).permutation(len(self.enc.train.user_row))
+        per_rank = len(perm) // self.world
+        return perm[self.rank :: self.world][:per_rank]
+
+    def step(self, idx: np.ndarray) -> tuple[float, int, int]:
+        ev, enc, dev = self.enc.train, self.enc, self.device
+        in_batch = self.sampler is None
+        item_rows = ev.item_row[idx]
+        log_q = None
+        if self.sampler is not None:
+            neg_rows, log_q_np = self.sampler.sample(item_rows)
+            item_rows = np.concatenate([item_rows, neg_rows])  # (B + N,)
+            log_q = torch.from_numpy(log_q_np).to(dev)
+        user_batch = enc.user_batch(ev.user_row[idx], ev.hist[idx], dev)
+        item_batch = enc.item_batch(item_rows, dev)
+        net = self.ddp or self.model
+        logits = net(user_batch, item_batch, in_batch=in_batch)  # (B, B) or (B, 1 + N)
+        if log_q is not None and self.cfg.negatives.log_q:
+            logits = log_q_correction(logits, log_q)
+        labels = labels_for(logits, in_batch)
+        loss = softmax_loss(logits, labels, torch.from_numpy(ev.weight[idx]).to(dev))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        hits, total = recall_at_k(logits.detach(), in_batch, self.cfg.train.recall_k)
+        return float(loss.item()), hits, total
+
+    def validate(self) -> dict[str, float]:
+        if self.enc.valid is None:
+            return {}
+        return model_metrics(self.model, self.enc, self.enc.valid, sorted({20, *self.cfg.eval.ks}), self.device)
+
+    def fit(self) -> FitResult:
+        t, started = self.cfg.train, time.monotonic()
+        best_state, best_score, best_epoch, history = None, -1.0, -1, []
+        for epoch in range(t.epochs):
+            self.model.train()
+            order = self.shard(epoch)
+            starts = range(0, len(order) - 1, t.batch_size)  # a final batch of 1 would break in-batch / BatchNorm
+            bar = tqdm(starts, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not t.progress or self.rank != 0)
+            loss_sum, hits, total = 0.0, 0, 0
+            for i, s in enumerate(bar):
+                loss, h, n = self.step(order[s : s + t.batch_size])
+                loss_sum, hits, total = loss_sum + loss, hits + h, total + n
+                if i % 20 == 0:
+                    bar.set_postfix(
+                        loss=f"{loss_sum / (i + 1):.4f}", **{f"R@{t.recall_k}": f"{hits / max(total, 1):.3f}"}
+                    )
+            entry: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "loss": loss_sum / max(len(starts), 1),
+                f"train_Recall@{t.recall_k}": hits / max(total, 1),
+                "seconds": round(time.monotonic() - started, 1),
+            }
+            if self.rank == 0:
+                valid = self.validate()
+                entry |= {f"valid_{k}": v for k, v in valid.items()}
+                score = valid.get(t.valid_metric, -entry["loss"])  # no validation split: lowest loss wins
+                if score > best_score:
+                    best_state, best_score, best_epoch = copy.deepcopy(self.model.state_dict()), score, epoch + 1
+                print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+            history.append(entry)
+            if self.out_of_time(started):
+                break
+        result = FitResult(None, {"best_epoch": best_epoch, f"valid_{t.valid_metric}": best_score, "history": history})
+        if self.rank == 0 and best_state is not None:
+            self.model.load_state_dict(best_state)
+            result.bundle = self.save(result.metrics)
+        if self.world > 1:
+            dist.barrier()
+        return result
+
+    def out_of_time(self, started: float) -> bool:
+        """Every rank must agree to stop, or the others would wait forever in the next all-reduce."""
+        limit = self.cfg.train.max_minutes
+        stop = torch.tensor([limit is not None and time.monotonic() - started > limit * 60], dtype=torch.int32)
+        if self.world > 1:
+            dist.broadcast(stop, src=0)
+        return bool(stop.item())
+
+    def save(self, metrics: dict[str, Any]) -> Path:
+        enc = self.enc
+        recent = enc.recent_items()
+        users = enc.users.append_column("history", pa.array(recent, pa.list_(pa.string())))
+        items = enc.items.append_column("popularity", pa.array(enc.popularity.astype(np.int64)))
+        cfg = self.cfg
+        self.model.cpu()
+        try:
+            return save_bundle(
+                cfg.output.root,
+                cfg.output.name,
+                self.model,
+                cfg.model.model_dump(mode="json"),
+                self.encoder,
+                items,
+                users,
+                extra={
+                    "config": self.config_dict,
+                    "data_fingerprint": data_fingerprint(self.raw),
+                    "max_seq_len": cfg.data.max_seq_len,
+                    "metrics": metrics,
+                },
+            )
+        finally:
+            self.model.to(self.device)
+
+
+def fit(cfg: Config, config_dict: dict[str, Any]) -> FitResult:
+    trainer = Trainer(cfg, config_dict)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
