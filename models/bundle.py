@@ -79,11 +79,16 @@ def _fsync_tree(root: Path) -> None:
 def write_pointer(path: Path, value: str) -> None:
     """Atomically replace a one-line pointer file (LATEST / CURRENT)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # readable by a service running as another user
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_bundle(
@@ -101,6 +106,7 @@ def save_bundle(
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".tmp-"))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700: the service may run as another user
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         for rel, text in encoder.to_files().items():

@@ -81,6 +81,8 @@ class FeatureGroups(BaseModel):
         for f in self.all():
             if f.shared_with is None:
                 continue
+            if f.kind not in ("id", "multi_id", "sequence"):
+                raise ValueError(f"features.{f.name}.shared_with: a {f.kind} feature has no table to share")
             other = by_name.get(f.shared_with)
             if other is None or other.kind not in ("id", "hash") or other.shared_with is not None:
                 raise ValueError(f"features.{f.name}.shared_with: '{f.shared_with}' is not an id feature")
@@ -103,7 +105,7 @@ class Vocab:
 
     @classmethod
     def build(cls, values: pa.Array | pa.ChunkedArray, min_count: int = 1) -> Self:
-        counts = pc.value_counts(pc.drop_null(values))
+        counts = pc.value_counts(pc.drop_null(values.cast(pa.string())))
         tokens = counts.field("values").to_pylist()
         freq = counts.field("counts").to_numpy()
         order = sorted(range(len(tokens)), key=lambda i: (-freq[i], tokens[i]))  # ties by token: deterministic
@@ -193,14 +195,22 @@ def encoding_from_json(text: str) -> Encoding:
 
 
 def split_multi(values: pa.Array | pa.ChunkedArray, separator: str, max_len: int) -> tuple[pa.Array, np.ndarray]:
-    """Split 'a|b|c' cells into a flat array of values plus each cell's count (capped at max_len)."""
-    lists = pc.split_pattern(pc.fill_null(values.cast(pa.string()), ""), pattern=separator, max_splits=None)
+    """Split 'a|b|c' cells into a flat array of values plus each cell's count (capped at max_len).
+
+    Null cells and empty parts ('' or 'a||b') contribute no value, so they encode as padding, never as a token."""
+    lists = pc.split_pattern(values.cast(pa.string()), pattern=separator)
     if isinstance(lists, pa.ChunkedArray):
         lists = lists.combine_chunks()
-    lists = pc.list_slice(lists, 0, max_len)
-    flat = lists.flatten()
-    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
-    return flat, lengths
+    flat = pc.list_flatten(lists)
+    parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+    flat, parent = flat.filter(pa.array(keep)), parent[keep]
+    # Position of each kept value within its cell: drop those beyond max_len.
+    starts = np.searchsorted(parent, parent, side="left")
+    rank = np.arange(len(parent)) - starts
+    within = rank < max_len
+    lengths = np.bincount(parent[within], minlength=len(values)).astype(np.int64)
+    return flat.filter(pa.array(within)), lengths
 
 
 def pad_ragged(flat_codes: np.ndarray, lengths: np.ndarray, max_len: int) -> np.ndarray:
@@ -268,7 +278,7 @@ class FeatureEncoder:
             enc = self.encoding(f)
             if f.kind == "multi_id":
                 flat, lengths = split_multi(column, f.separator, f.max_len)
-                assert isinstance(enc, Vocab)
+                assert not isinstance(enc, DenseStats)
                 out[f.name] = pad_ragged(enc.lookup(flat), lengths, f.max_len)
             elif isinstance(enc, DenseStats):
                 out[f.name] = enc.transform(column)

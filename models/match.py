@@ -51,4 +51,8 @@ class MatchModel(nn.Module):
         """Scaled logits sim(u, v, hard) / tau; both towers run inside one forward so DDP sees one graph."""
         u = self.user_embedding(user_batch)  # (B, D)
         v = self.item_embedding(item_batch)  # (B + N + H, D)
-        return similarity(u, v, in_batch=in_batch, hard_neg_indices=hard_neg_indices) / self.temperature
+        logits = similarity(u, v, in_batch=in_batch, hard_neg_indices=hard_neg_indices) / self.temperature
+        if hard_neg_indices is not None:
+            # Empty hard cells hold finfo.min; dividing by tau < 1 would overflow them to -inf: keep them finite.
+            logits = logits.clamp_min(torch.finfo(logits.dtype).min)
+        return logits

@@ -70,8 +70,12 @@ def softmax_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
 
 
 def recall_at_k(logits: torch.Tensor, in_batch: bool, k: int) -> tuple[int, int]:
-    """Training Recall@K: target mask is the identity in-batch, column 0 with a sampler; returns (hits, total)."""
-    target = torch.zeros_like(logits, dtype=torch.bool)
-    target[torch.arange(logits.shape[0]), labels_for(logits, in_batch)] = True
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (B, K)
-    return int(target.gather(1, top).sum().item()), int(target.sum().item())
+    """Training Recall@K: target mask is the identity in-batch, column 0 with a sampler; returns (hits, total).
+
+    Each row has one target, so "target among the top-K columns" is "fewer than K columns score above it": one
+    comparison pass instead of a top-k over (B, C) (which cost a tenth of a training step). Ties go to the target.
+    """
+    b = logits.shape[0]
+    target = logits.gather(1, labels_for(logits, in_batch).unsqueeze(1))  # (B, 1)
+    above = (logits > target).sum(1)  # (B,)
+    return int((above < k).sum().item()), b

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except QuiverError as err:
         print(f"quiver-train: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, permissions, a path that is a directory: still one line
+        print(f"quiver-train: error: {err}", file=sys.stderr)
+        return 2
     except yaml.YAMLError as err:
         print(f"quiver-train: error: {err}".replace("\n", " "), file=sys.stderr)
         return 2

@@ -14,6 +14,8 @@ from models.features import FeatureGroups
 from models.registry import ModelConfig
 from training.data.config import DataConfig
 
+MODEL_TYPES = ("dssm",)
+
 
 class NegativeConfig(BaseModel):
     """in_batch: the other rows' positives are the negatives. sampled: `num` items per batch drawn from the
@@ -35,6 +37,8 @@ class TrainConfig(BaseModel):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     optimizer: Literal["adam", "adagrad"] = "adam"
+    # onecycle: warm up to `lr` over the first 10% of steps, then anneal (cosine) towards zero by the last epoch.
+    lr_schedule: Literal["constant", "onecycle"] = "constant"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(default=1, ge=1)  # torch intra-op threads per process (oversubscription is slow)
@@ -84,7 +88,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     """All problems on one line, each with its dotted key path."""
     parts = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = list(e["loc"])
+        if len(loc) > 1 and loc[0] == "model" and isinstance(loc[1], str) and loc[1] in MODEL_TYPES:
+            del loc[1]  # the discriminated union's tag is not a key of the YAML file
+        path = ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-")))
         parts.append(f"{path}: {e['msg']}" if path else e["msg"])
     return f"{source}: invalid config: " + "; ".join(parts)
 

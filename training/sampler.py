@@ -3,6 +3,8 @@
 import numpy as np
 import torch
 
+from models.errors import QuiverError
+
 
 class NegativeSampler:
     """Draws N items with probability proportional to popularity^alpha (alpha = 0: uniform), never one of the
@@ -20,7 +22,7 @@ class NegativeSampler:
         self.num = num
         self.rng = np.random.default_rng(seed)
         if num >= len(popularity):
-            raise ValueError(f"negatives.num={num} must be smaller than the catalog ({len(popularity)} items)")
+            raise QuiverError(f"negatives.num: {num} must be smaller than the catalog ({len(popularity)} items)")
 
     def sample(self, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """positives (B,) catalog rows -> negatives (N,) catalog rows, log_q (N,) float32."""

@@ -70,6 +70,12 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
+def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
 class Trainer:
     def __init__(self, cfg: Config, config_dict: dict[str, Any]) -> None:
         self.cfg = cfg
@@ -87,6 +93,12 @@ class Trainer:
         self.model: MatchModel = build_model(cfg.model, cfg.features, self.encoder.table_sizes()).to(self.device)
         self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
         self.optimizer = make_optimizer(cfg, self.model)
+        steps = cfg.train.epochs * len(self.batch_starts(len(self.enc.train.user_row) // self.world))
+        self.scheduler = (
+            torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=cfg.train.lr, total_steps=steps, pct_start=0.1)
+            if cfg.train.lr_schedule == "onecycle"
+            else None
+        )
         neg = cfg.negatives
         self.sampler = (
             NegativeSampler(self.enc.popularity, neg.num, neg.alpha, cfg.train.seed * 1000 + self.rank)
@@ -99,6 +111,10 @@ class Trainer:
         perm = np.random.default_rng(self.cfg.train.seed + epoch).permutation(len(self.enc.train.user_row))
         per_rank = len(perm) // self.world
         return perm[self.rank :: self.world][:per_rank]
+
+    def batch_starts(self, n: int) -> range:
+        """Batch offsets into a shard of n examples; a final batch of 1 would break in-batch negatives / BatchNorm."""
+        return range(0, n - 1, self.cfg.train.batch_size)
 
     def step(self, idx: np.ndarray) -> tuple[float, int, int]:
         ev, enc, dev = self.enc.train, self.enc, self.device
@@ -120,13 +136,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         hits, total = recall_at_k(logits.detach(), in_batch, self.cfg.train.recall_k)
         return float(loss.item()), hits, total
 
     def validate(self) -> dict[str, float]:
         if self.enc.valid is None:
             return {}
-        return model_metrics(self.model, self.enc, self.enc.valid, sorted({20, *self.cfg.eval.ks}), self.device)
+        k = int(self.cfg.train.valid_metric.partition("@")[2])
+        return model_metrics(self.model, self.enc, self.enc.valid, sorted({k, *self.cfg.eval.ks}), self.device)
 
     def fit(self) -> FitResult:
         t, started = self.cfg.train, time.monotonic()
@@ -134,7 +153,7 @@ class Trainer:
         for epoch in range(t.epochs):
             self.model.train()
             order = self.shard(epoch)
-            starts = range(0, len(order) - 1, t.batch_size)  # a final batch of 1 would break in-batch / BatchNorm
+            starts = self.batch_starts(len(order))
             bar = tqdm(starts, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not t.progress or self.rank != 0)
             loss_sum, hits, total = 0.0, 0, 0
             for i, s in enumerate(bar):
@@ -156,8 +175,9 @@ class Trainer:
                 score = valid.get(t.valid_metric, -entry["loss"])  # no validation split: lowest loss wins
                 if score > best_score:
                     best_state, best_score, best_epoch = copy.deepcopy(self.model.state_dict()), score, epoch + 1
-                print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-            history.append(entry)
+                shown = ["epoch", "loss", f"train_Recall@{t.recall_k}", f"valid_{t.valid_metric}", "seconds"]
+                print(" ".join(f"{k}={entry[k]:.4g}" for k in shown if k in entry), flush=True)
+            history.append({k: v for k, v in entry.items() if k != "seconds"})  # the manifest holds no clock time
             if self.out_of_time(started):
                 break
         result = FitResult(None, {"best_epoch": best_epoch, f"valid_{t.valid_metric}": best_score, "history": history})
@@ -179,8 +199,9 @@ class Trainer:
     def save(self, metrics: dict[str, Any]) -> Path:
         enc = self.enc
         recent = enc.recent_items()
-        users = enc.users.append_column("history", pa.array(recent, pa.list_(pa.string())))
-        items = enc.items.append_column("popularity", pa.array(enc.popularity.astype(np.int64)))
+        # The bundle's own columns win over same-named columns of the input tables.
+        users = set_column(enc.users, "history", pa.array(recent, pa.list_(pa.string())))
+        items = set_column(enc.items, "popularity", pa.array(enc.popularity.astype(np.int64)))
         cfg = self.cfg
         self.model.cpu()
         try:

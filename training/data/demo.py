@@ -12,6 +12,7 @@ So profile and history both predict the next item far better than global popular
 one numpy Generator: the same seed writes byte-identical files.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def generate_demo(
     item_ids = _ids("i", n_items)
     user_ids = _ids("u", n_users)
     order = np.lexsort((users, times))  # the log as it would be recorded: by time
-    pq.write_table(
+    _write_parquet(
         pa.table(
             {
                 "user_id": pa.array(user_ids[users[order]]),
@@ -56,7 +57,7 @@ def generate_demo(
         ),
         out_dir / "interactions.parquet",
     )
-    pq.write_table(
+    _write_parquet(
         pa.table(
             {
                 "user_id": pa.array(user_ids),
@@ -67,7 +68,7 @@ def generate_demo(
         ),
         out_dir / "users.parquet",
     )
-    pq.write_table(
+    _write_parquet(
         pa.table(
             {
                 "item_id": pa.array(item_ids),
@@ -78,6 +79,13 @@ def generate_demo(
         ),
         out_dir / "items.parquet",
     )
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    """Write beside the target and rename, so an interrupted run never leaves a truncated file behind."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
 
 
 def _make_catalog(rng: np.random.Generator, n_items: int, n_categories: int) -> dict[str, np.ndarray]:
