@@ -37,7 +37,7 @@ def main() -> int:
             return 2
         cfg.train.progress = False
         started = time.monotonic()
-        result = fit(cfg, cfg.model_dump(mode="json"))
+        result = fit(cfg)
         train_s = time.monotonic() - started
         assert result.bundle is not None
         out = Path(args.out or f"artifacts/bench/quality/{cfg.output.name}")

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"data folder {data_dir.resolve()} (data.path {cfg.data.path}) not found: the ML-1M NCF split "
                 "(train.tsv, test.tsv, users.dat, movies.dat) is needed; pass --data or fix data.path"
             )
-        trainer = Trainer(cfg, cfg.model_dump(mode="json"))
+        trainer = Trainer(cfg)
     except QuiverError as err:
         print(f"train_speed: {err}", file=sys.stderr)
         return 2

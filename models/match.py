@@ -47,10 +47,17 @@ class MatchModel(nn.Module):
         *,
         in_batch: bool,
         hard_neg_indices: torch.Tensor | None = None,
+        item_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Scaled logits sim(u, v, hard) / tau; both towers run inside one forward so DDP sees one graph."""
+        """Scaled logits sim(u, v, hard) / tau; both towers run inside one forward so DDP sees one graph.
+
+        `item_index` (B + N + H,) lets the item tower run once per distinct item: item_batch then holds the distinct
+        rows and item_index says which of them fills each slot (popular items recur in a batch and its negatives).
+        """
         u = self.user_embedding(user_batch)  # (B, D)
-        v = self.item_embedding(item_batch)  # (B + N + H, D)
+        v = self.item_embedding(item_batch)  # (B + N + H, D), or (distinct, D) with item_index
+        if item_index is not None:
+            v = v[item_index]  # (B + N + H, D)
         logits = similarity(u, v, in_batch=in_batch, hard_neg_indices=hard_neg_indices) / self.temperature
         if hard_neg_indices is not None:
             # Empty hard cells hold finfo.min; dividing by tau < 1 would overflow them to -inf: keep them finite.

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from models.bundle import LATEST, MANIFEST, load_bundle, verify_files
+from tests.conftest import tiny_config
 from training.cli import main
 from training.data.demo import generate_demo
 
@@ -27,36 +28,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(tmp_path: Path, data_dir: Path, **overrides: dict) -> Path:
-    cfg: dict = {
-        "data": {
-            "format": "interactions",
-            "path": str(data_dir),
-            "train": "interactions.parquet",
-            "users": "users.parquet",
-            "items": "items.parquet",
-            "max_seq_len": 5,
-        },
-        "features": {
-            "user": [{"name": "user_id", "kind": "id", "embedding_dim": 4}, {"name": "gender", "kind": "id"}],
-            "item": [
-                {"name": "item_id", "kind": "id", "embedding_dim": 4},
-                {"name": "category", "kind": "id", "embedding_dim": 2},
-                {"name": "price", "kind": "dense"},
-            ],
-            "hist": [{"name": "hist_item_id", "kind": "sequence", "shared_with": "item_id", "embedding_dim": 4}],
-        },
-        "model": {
-            "type": "dssm",
-            "user_tower": {"hidden_units": [8]},
-            "item_tower": {"hidden_units": [8]},
-            "output_dim": 4,
-            "temperature": 0.1,
-        },
-        "negatives": {"mode": "sampled", "num": 8},
-        "train": {"epochs": 1, "batch_size": 64, "progress": False, "valid_users": 20, "device": "cpu"},
-        "eval": {"ks": [5, 10]},
-        "output": {"root": str(tmp_path / "models"), "name": "tiny"},
-    }
+    """The shared tiny config, shrunk to the 40-item catalog of this module's demo data."""
+    cfg = tiny_config(data_dir, tmp_path / "models", epochs=1, batch_size=64, valid_users=20, device="cpu")
+    cfg["negatives"]["num"] = 8
+    cfg["eval"] = {"ks": [5, 10]}
     for section, values in overrides.items():
         cfg[section] = {**cfg[section], **values}
     path = tmp_path / "config.yaml"

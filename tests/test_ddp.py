@@ -25,7 +25,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     torch.set_num_threads(1)
     cfg = parse_config(cfg_dict, "test")
-    trainer = Trainer(cfg, cfg.model_dump(mode="json"))
+    trainer = Trainer(cfg)
     steps = len(trainer.shard(0))
     result = trainer.fit()
     digest = hashlib.sha256()
@@ -49,7 +49,7 @@ def test_two_process_ddp_keeps_ranks_in_sync(demo_dir: Path, tmp_path: Path) -> 
 
 def test_shards_partition_the_epoch(demo_dir: Path, tmp_path: Path) -> None:
     cfg = parse_config(tiny_config(demo_dir, tmp_path / "models"), "test")
-    trainer = Trainer(cfg, cfg.model_dump(mode="json"))
+    trainer = Trainer(cfg)
     n = len(trainer.enc.train.user_row)
     trainer.world = 2
     shards = []

@@ -17,7 +17,7 @@ from training.trainer import Trainer, fit
 def test_dssm_beats_popularity_in_full_ranking(demo_dir: Path, tmp_path: Path) -> None:
     cfg_dict = tiny_config(demo_dir, tmp_path / "models", epochs=6)
     cfg = parse_config(cfg_dict, "test")
-    result = fit(cfg, cfg.model_dump(mode="json"))
+    result = fit(cfg)
     assert result.bundle is not None and (result.bundle / "manifest.json").is_file()
     report, out = evaluate_bundle(result.bundle, tmp_path / "report")
     model, pop = report["model"], report["popularity"]
@@ -30,7 +30,7 @@ def test_dssm_beats_popularity_in_full_ranking(demo_dir: Path, tmp_path: Path) -
 
 def test_best_epoch_is_what_the_bundle_holds(demo_dir: Path, tmp_path: Path) -> None:
     cfg = parse_config(tiny_config(demo_dir, tmp_path / "models", epochs=3), "test")
-    trainer = Trainer(cfg, cfg.model_dump(mode="json"))
+    trainer = Trainer(cfg)
     result = trainer.fit()
     history = result.metrics["history"]
     best = max(history, key=lambda e: e["valid_Recall@20"])
@@ -40,3 +40,17 @@ def test_best_epoch_is_what_the_bundle_holds(demo_dir: Path, tmp_path: Path) -> 
     enc = encode(trainer.raw, bundle.encoder, cfg.data.max_seq_len, cfg.train.valid_users)
     again = model_metrics(bundle.model, enc, enc.valid, [20], torch.device("cpu"))
     assert np.isclose(again["Recall@20"], best["valid_Recall@20"])
+
+
+def test_onecycle_schedule_anneals_to_near_zero_by_the_last_step(demo_dir: Path, tmp_path: Path) -> None:
+    cfg = parse_config(tiny_config(demo_dir, tmp_path / "models", epochs=2, lr_schedule="onecycle"), "test")
+    trainer = Trainer(cfg)
+    lrs = []
+    for epoch in range(2):
+        order = trainer.shard(epoch)
+        for s in trainer.batch_starts(len(order)):
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])  # the lr this step uses
+            trainer.step(order[s : s + cfg.train.batch_size])
+    assert np.isclose(max(lrs), cfg.train.lr, rtol=1e-3)  # warms up to the configured lr
+    assert lrs.index(max(lrs)) < len(lrs) // 2
+    assert lrs[-1] < cfg.train.lr / 100  # and anneals away by the last step

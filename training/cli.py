@@ -21,8 +21,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     from training.trainer import fit
 
     cfg = load_config(args.config)
-    config_dict = cfg.model_dump(mode="json")
-    result = fit(cfg, config_dict)
+    result = fit(cfg)
     if result.bundle is not None:
         print(result.bundle)
 

@@ -77,9 +77,11 @@ def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, config_dict: dict[str, Any]) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.config_dict = config_dict
+        # The manifest keeps the config with an absolute data path, so `quiver-train eval` works from any folder.
+        self.config_dict = cfg.model_dump(mode="json")
+        self.config_dict["data"]["path"] = str(Path(cfg.data.path).resolve())
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -126,9 +128,11 @@ class Trainer:
             item_rows = np.concatenate([item_rows, neg_rows])  # (B + N,)
             log_q = torch.from_numpy(log_q_np).to(dev)
         user_batch = enc.user_batch(ev.user_row[idx], ev.hist[idx], dev)
-        item_batch = enc.item_batch(item_rows, dev)
+        distinct, slot = np.unique(item_rows, return_inverse=True)  # the item tower runs once per distinct item
+        item_batch = enc.item_batch(distinct, dev)
         net = self.ddp or self.model
-        logits = net(user_batch, item_batch, in_batch=in_batch)  # (B, B) or (B, 1 + N)
+        item_index = torch.from_numpy(slot).to(dev)
+        logits = net(user_batch, item_batch, in_batch=in_batch, item_index=item_index)  # (B, B) or (B, 1 + N)
         if log_q is not None and self.cfg.negatives.log_q:
             logits = log_q_correction(logits, log_q)
         labels = labels_for(logits, in_batch)
@@ -224,8 +228,8 @@ class Trainer:
             self.model.to(self.device)
 
 
-def fit(cfg: Config, config_dict: dict[str, Any]) -> FitResult:
-    trainer = Trainer(cfg, config_dict)
+def fit(cfg: Config) -> FitResult:
+    trainer = Trainer(cfg)
     try:
         return trainer.fit()
     finally:
