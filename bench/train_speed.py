@@ -151,7 +151,7 @@ class Rechub:
         """The same feature arrays Quiver trains on, gathered by whole-batch numpy indexing (no per-sample Python,
         no DataLoader): cheaper than rechub's own Dataset/DataLoader path."""
         ev = self.enc.train
-        x = self.enc.user_batch(ev.user_row[idx], ev.hist[idx], CPU) | self.enc.item_batch(ev.item_row[idx], CPU)
+        x = self.enc.user_batch(ev.user_row[idx], ev.histories(idx), CPU) | self.enc.item_batch(ev.item_row[idx], CPU)
         return x, torch.ones(len(idx))  # the label is unused with in-batch negatives
 
     def measure_trainer(self, stream: BatchStream, warmup: int, seconds: float) -> float:

@@ -17,6 +17,7 @@ from models.errors import QuiverError
 from models.features import FeatureEncoder, FeatureGroups
 from models.match import MatchModel
 from models.registry import build_model
+from training.data.config import DataConfig
 from training.data.schema import RawData, interactions_table
 from training.examples import EncodedData, encode
 
@@ -69,7 +70,7 @@ def _model_and_data(seed: int = 0) -> tuple[MatchModel, FeatureEncoder, EncodedD
     raw = _raw()
     groups = FeatureGroups.model_validate(FEATURES)
     encoder = FeatureEncoder.fit(groups, raw.train, raw.users, raw.items)
-    enc = encode(raw, encoder, max_seq_len=3)
+    enc = encode(raw, encoder, DataConfig(format="interactions", path=".", max_seq_len=3))
     torch.manual_seed(seed)
     model = build_model(DSSMConfig.model_validate(MODEL), groups, encoder.table_sizes())
     return model.eval(), encoder, enc
@@ -101,7 +102,7 @@ def test_round_trip_same_weights_and_same_embeddings(saved: tuple[Path, MatchMod
 
     # the saved encoder encodes the same tables to the same codes
     raw = _raw()
-    enc2 = encode(raw, bundle.encoder, max_seq_len=3)
+    enc2 = encode(raw, bundle.encoder, DataConfig(format="interactions", path=".", max_seq_len=3))
     for name, values in enc.item_feats.items():
         np.testing.assert_array_equal(values, enc2.item_feats[name])
     for name, values in enc.user_feats.items():

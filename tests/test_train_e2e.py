@@ -37,7 +37,7 @@ def test_best_epoch_is_what_the_bundle_holds(demo_dir: Path, tmp_path: Path) -> 
     assert result.metrics["best_epoch"] == best["epoch"]
     # The saved weights reproduce the best epoch's validation score.
     bundle = load_bundle(result.bundle)
-    enc = encode(trainer.raw, bundle.encoder, cfg.data.max_seq_len, cfg.train.valid_users)
+    enc = encode(trainer.raw, bundle.encoder, cfg.data, cfg.train.valid_users)
     again = model_metrics(bundle.model, enc, enc.valid, [20], torch.device("cpu"))
     assert np.isclose(again["Recall@20"], best["valid_Recall@20"])
 
@@ -54,3 +54,21 @@ def test_onecycle_schedule_anneals_to_near_zero_by_the_last_step(demo_dir: Path,
     assert np.isclose(max(lrs), cfg.train.lr, rtol=1e-3)  # warms up to the configured lr
     assert lrs.index(max(lrs)) < len(lrs) // 2
     assert lrs[-1] < cfg.train.lr / 100  # and anneals away by the last step
+
+
+def test_unordered_history_mode_trains_and_keeps_held_out_items_out(demo_dir: Path, tmp_path: Path) -> None:
+    cfg_dict = tiny_config(demo_dir, tmp_path / "models", epochs=1)
+    cfg_dict["data"] |= {"history": "others", "query_seq_len": 40}
+    cfg = parse_config(cfg_dict, "test")
+    trainer = Trainer(cfg)
+    enc = trainer.enc
+    assert enc.train.hist is None and enc.train.others is not None
+    for q in (enc.valid, enc.test):
+        assert q is not None and q.hist.shape[1] == 40
+        for i in range(len(q.user_row)):
+            held_out = set((q.truth.row(i) + 1).tolist())
+            assert not held_out & set(q.hist[i].tolist())  # validation / test items never enter a history
+    result = trainer.fit()
+    assert result.bundle is not None
+    report, _ = evaluate_bundle(result.bundle, tmp_path / "report")
+    assert report["model"]["users"] > 700

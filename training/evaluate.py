@@ -79,7 +79,7 @@ def evaluate_bundle(bundle_path: str | Path, out_dir: str | Path | None = None) 
     cfg = parse_config(bundle.manifest["config"], f"{bundle.path}/manifest.json")
     torch.set_num_threads(cfg.train.num_threads)
     raw = load_data(cfg.data)
-    enc = encode(raw, bundle.encoder, cfg.data.max_seq_len)
+    enc = encode(raw, bundle.encoder, cfg.data)
     if enc.test is None:
         raise QuiverError(f"data: {cfg.data.path} has no test split to evaluate")
     ks, device = cfg.eval.ks, torch.device("cpu")
@@ -89,7 +89,7 @@ def evaluate_bundle(bundle_path: str | Path, out_dir: str | Path | None = None) 
         "bundle": str(bundle.path),
         "model_version": bundle.version,
         "model_type": bundle.manifest["model_type"],
-        "data": {"name": raw.name, "path": cfg.data.path, "split": cfg.data.split, "format": cfg.data.format},
+        "data": {"name": raw.name, "path": cfg.data.path, "split": raw.split, "format": cfg.data.format},
         "protocol": "full-catalog ranking, the user's train+valid items excluded"
         + ("; sampled: positive vs the negatives file" if enc.test.negatives is not None else ""),
         "model": model_m,
@@ -97,5 +97,5 @@ def evaluate_bundle(bundle_path: str | Path, out_dir: str | Path | None = None) 
     }
     out = Path(out_dir) if out_dir else Path("artifacts/reports") / bundle.name / bundle.version
     curves = {bundle.manifest["model_type"]: recall_curve(model_m, ks), "popularity": recall_curve(pop_m, ks)}
-    write_report(out, report, curves, f"Recall@K on {raw.name} ({cfg.data.split} test split)")
+    write_report(out, report, curves, f"Recall@K on {raw.name} ({raw.split} test split)")
     return report, out

@@ -13,7 +13,8 @@ import torch
 
 from models.errors import QuiverError
 from models.features import FeatureEncoder
-from training.data.history import build_histories
+from training.data.config import DataConfig
+from training.data.history import OtherEvents, build_histories
 from training.data.schema import RawData
 from training.ranking import Csr
 
@@ -27,7 +28,15 @@ class Events:
     user_row: np.ndarray  # (n,) int64
     item_row: np.ndarray  # (n,) int64
     weight: np.ndarray  # (n,) float32
-    hist: np.ndarray  # (n, L) int64: catalog row + 1 of earlier items, oldest first, 0 = padding
+    hist: np.ndarray | None  # (n, L) int64: catalog row + 1 of earlier items, oldest first, 0 = padding
+    others: OtherEvents | None = None  # instead of `hist` with data.history "others": drawn per step
+
+    def histories(self, idx: np.ndarray) -> np.ndarray:
+        """(B, L) history of the events idx."""
+        if self.others is not None:
+            return self.others.sample(idx)
+        assert self.hist is not None
+        return self.hist[idx]
 
 
 @dataclass
@@ -104,11 +113,13 @@ def rows_of(values: pa.ChunkedArray | pa.Array, index: pa.Array, what: str) -> n
     return pos.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def encode(raw: RawData, encoder: FeatureEncoder, max_seq_len: int, valid_users: int | None = None) -> EncodedData:
+def encode(raw: RawData, encoder: FeatureEncoder, data: DataConfig, valid_users: int | None = None) -> EncodedData:
     users = user_universe(raw)
     user_index = users["user_id"].combine_chunks()
     item_index = raw.items["item_id"].combine_chunks()
     n_users, n_items = len(users), len(raw.items)
+    shuffle = data.history == "others"
+    query_len = data.query_seq_len or data.max_seq_len
 
     def rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         u = rows_of(table["user_id"], user_index, "user")
@@ -118,8 +129,11 @@ def encode(raw: RawData, encoder: FeatureEncoder, max_seq_len: int, valid_users:
     tu, ti, tt = rows(raw.train)
     if len(tu) == 0:
         raise QuiverError("the training split is empty")
-    hist, _ = build_histories(tu, tt, ti + 1, max_seq_len)
-    train = Events(tu, ti, raw.train["weight"].to_numpy().astype(np.float32), hist)
+    weight = raw.train["weight"].to_numpy().astype(np.float32)
+    if shuffle:
+        train = Events(tu, ti, weight, None, OtherEvents(tu, ti + 1, data.max_seq_len, data.seed))
+    else:
+        train = Events(tu, ti, weight, build_histories(tu, tt, ti + 1, data.max_seq_len)[0])
     popularity = np.bincount(ti, minlength=n_items).astype(np.float32)
 
     seq_codes = {}
@@ -130,28 +144,21 @@ def encode(raw: RawData, encoder: FeatureEncoder, max_seq_len: int, valid_users:
     valid = test = None
     if raw.valid is not None and raw.valid.num_rows:
         vu, vi, _ = rows(raw.valid)
-        valid = make_queries((tu, tt, ti), (vu, vi), n_users, max_seq_len, limit=valid_users)
+        valid = make_queries((tu, tt, ti), (vu, vi), n_users, query_len, shuffle, limit=valid_users)
     if raw.test is not None and raw.test.num_rows:
         su, si, _ = rows(raw.test)
         seen = (tu, tt, ti)
         if valid is not None:
             vu, vi, vt = rows(raw.valid)
             seen = (np.concatenate([tu, vu]), np.concatenate([tt, vt]), np.concatenate([ti, vi]))
-        test = make_queries(seen, (su, si), n_users, max_seq_len)
+        test = make_queries(seen, (su, si), n_users, query_len, shuffle)
         if raw.test_negatives:
             test.negatives = negatives_for(raw, test.user_row, user_index, item_index)
     every = [rows(t) for t in (raw.train, raw.valid, raw.test) if t is not None and t.num_rows]
     all_u, all_i, all_t = (np.concatenate([r[k] for r in every]) for k in range(3))
-    everyone = np.arange(n_users)
-    recent, _ = build_histories(
-        np.concatenate([all_u, everyone]),
-        np.concatenate([all_t, np.full(n_users, LATEST)]),
-        np.concatenate([all_i + 1, np.ones(n_users, dtype=np.int64)]),
-        max_seq_len,
-    )
     return EncodedData(
         encoder=encoder,
-        recent=recent[len(all_u) :],
+        recent=history_now((all_u, all_t, all_i), np.arange(n_users), query_len, shuffle),
         user_ids=user_index,
         users=users,
         items=raw.items,
@@ -165,31 +172,51 @@ def encode(raw: RawData, encoder: FeatureEncoder, max_seq_len: int, valid_users:
     )
 
 
+def history_now(
+    seen: tuple[np.ndarray, np.ndarray, np.ndarray], query_users: np.ndarray, length: int, shuffle: bool
+) -> np.ndarray:
+    """(Q, length) catalog row + 1 of each query user's latest `length` seen items, oldest first, 0-padded.
+
+    Same ordering as build_histories (by time, equal times by row), computed for the query users only: memory is
+    (Q, length), not (events, length). shuffle: the events have no order (data.history "others"), so a seeded random
+    `length` of them is taken instead: random ranks stand in for the timestamps.
+    """
+    su, st, si = seen
+    if shuffle:
+        st = np.random.default_rng(0).permutation(len(su)).astype(np.int64)
+    order = np.lexsort((st, su))  # (n,) by user, then time, then row
+    items = si[order] + 1
+    n_users = int(max(su.max(initial=-1), query_users.max(initial=-1))) + 1
+    counts = np.bincount(su, minlength=n_users)
+    ends = np.cumsum(counts)[query_users]  # (Q,)
+    starts = np.maximum(ends - counts[query_users], ends - length)  # the last `length` events of each user
+    idx = starts[:, None] + np.arange(length)[None, :]  # (Q, length)
+    valid = idx < ends[:, None]
+    return np.where(valid, items[np.where(valid, idx, 0)] if len(items) else 0, 0)
+
+
 def make_queries(
     seen: tuple[np.ndarray, np.ndarray, np.ndarray],
     held_out: tuple[np.ndarray, np.ndarray],
     n_users: int,
-    max_seq_len: int,
+    length: int,
+    shuffle: bool = False,
     limit: int | None = None,
 ) -> Queries:
-    """One query per user with held-out items: history = their latest seen items, truth = all held-out items."""
-    su, st, si = seen
+    """One query per user with held-out items: history = their seen items (history_now), truth = all held-out items."""
+    su, _, si = seen
     hu, hi = held_out
     query_users = np.unique(hu)  # (Q,)
     if limit is not None and len(query_users) > limit:
         query_users = np.sort(np.random.default_rng(0).choice(query_users, limit, replace=False))
-    # A query row at the end of time sees every earlier event of its user (build_histories excludes ties only).
-    users = np.concatenate([su, query_users])
-    times = np.concatenate([st, np.full(len(query_users), LATEST)])
-    items = np.concatenate([si + 1, np.ones(len(query_users), dtype=np.int64)])
-    hist, _ = build_histories(users, times, items, max_seq_len)
+    hist = history_now(seen, query_users, length, shuffle)
     q_of_user = np.full(n_users, -1, dtype=np.int64)
     q_of_user[query_users] = np.arange(len(query_users))
     keep = q_of_user[hu] >= 0
     truth = Csr.from_pairs(q_of_user[hu[keep]], hi[keep], len(query_users))
     seen_keep = q_of_user[su] >= 0
     exclude = Csr.from_pairs(q_of_user[su[seen_keep]], si[seen_keep], len(query_users))
-    return Queries(query_users, hist[len(su) :], truth, exclude)
+    return Queries(query_users, hist, truth, exclude)
 
 
 def negatives_for(raw: RawData, query_users: np.ndarray, user_index: pa.Array, item_index: pa.Array) -> np.ndarray:

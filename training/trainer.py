@@ -91,7 +91,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.raw = load_data(cfg.data)
         self.encoder = FeatureEncoder.fit(cfg.features, self.raw.train, self.raw.users, self.raw.items)
-        self.enc: EncodedData = encode(self.raw, self.encoder, cfg.data.max_seq_len, cfg.train.valid_users)
+        self.enc: EncodedData = encode(self.raw, self.encoder, cfg.data, cfg.train.valid_users)
         self.model: MatchModel = build_model(cfg.model, cfg.features, self.encoder.table_sizes()).to(self.device)
         self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
         self.optimizer = make_optimizer(cfg, self.model)
@@ -127,7 +127,7 @@ class Trainer:
             neg_rows, log_q_np = self.sampler.sample(item_rows)
             item_rows = np.concatenate([item_rows, neg_rows])  # (B + N,)
             log_q = torch.from_numpy(log_q_np).to(dev)
-        user_batch = enc.user_batch(ev.user_row[idx], ev.hist[idx], dev)
+        user_batch = enc.user_batch(ev.user_row[idx], ev.histories(idx), dev)
         distinct, slot = np.unique(item_rows, return_inverse=True)  # the item tower runs once per distinct item
         item_batch = enc.item_batch(distinct, dev)
         net = self.ddp or self.model

@@ -28,6 +28,15 @@ class DataConfig(BaseModel):
     validation: Literal["last", "none"] = "last"
     seed: int = 0
     max_seq_len: int = Field(default=50, ge=1)
+    # How an event's history is built.
+    #   before: the same user's events with a strictly earlier timestamp (no leakage); needs real timestamps.
+    #   others: for data with no order inside the training split (ML-1M NCF train.tsv has no timestamps): each step
+    #     draws, per training event, a fresh random sample of max_seq_len of the user's *other* training events (never
+    #     the event itself); an evaluation query sees a random sample of the user's events outside the held-out split.
+    #     The held-out (validation / test) items never enter any history.
+    history: Literal["before", "others"] = "before"
+    # History length of evaluation queries and of the serving state in the bundle (default: max_seq_len).
+    query_seq_len: int | None = Field(default=None, ge=1)
     # taobao: keep only these behavior types (pv, buy, cart, fav); None keeps all.
     behaviors: list[str] | None = None
 

@@ -58,3 +58,38 @@ def build_histories(
         rows[offsets >= lengths[lo:hi, None]] = 0
         hist[lo:hi] = rows
     return hist, lengths
+
+
+class OtherEvents:
+    """Histories for training data with no order (`data.history: others`): for each event, the same user's *other*
+    training events, never the event itself.
+
+    Users with at most `max_len` other events get all of them; larger users get `max_len` drawn at random (with
+    replacement) afresh at every call, so each epoch sees different samples of the same set: the mean-pooled history
+    is an unbiased estimate of the mean over the whole set.
+    """
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, max_len: int, seed: int) -> None:
+        users = np.asarray(users, dtype=np.int64)
+        order = np.argsort(users, kind="stable")
+        counts = np.bincount(users)
+        starts = np.cumsum(counts) - counts
+        self.items = np.asarray(items, dtype=np.int64)[order]  # (n,) grouped by user
+        position = np.empty(len(users), dtype=np.int64)
+        position[order] = np.arange(len(users))
+        self.start = starts[users]  # (n,) where each event's user group begins
+        self.own = position - self.start  # (n,) the event's offset inside its group
+        self.others = counts[users] - 1  # (n,)
+        self.max_len = max_len
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, idx: np.ndarray) -> np.ndarray:
+        """idx (B,) event rows -> (B, max_len) items, zero-padded at the end."""
+        others = self.others[idx][:, None]  # (B, 1)
+        slots = np.arange(self.max_len)[None, :]  # (1, L)
+        random = (self.rng.random((len(idx), self.max_len)) * others).astype(np.int64)  # (B, L) in [0, others)
+        offset = np.where(others <= self.max_len, slots, random)  # small users: each other event exactly once
+        offset = offset + (offset >= self.own[idx][:, None])  # skip the event itself
+        valid = slots < others
+        hist = self.items[np.where(valid, self.start[idx][:, None] + offset, 0)]
+        return np.where(valid, hist, 0)

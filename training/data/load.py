@@ -46,7 +46,14 @@ def load_data(cfg: DataConfig) -> RawData:
         negatives = read_negatives(data_file(cfg, cfg.negatives))
     items = complete_catalog(source.items, [train, valid, test], negatives)
     return RawData(
-        train=train, valid=valid, test=test, users=source.users, items=items, test_negatives=negatives, name=source.name
+        train=train,
+        valid=valid,
+        test=test,
+        users=source.users,
+        items=items,
+        test_negatives=negatives,
+        name=source.name,
+        split="published" if source.published_split else cfg.split,
     )
 
 

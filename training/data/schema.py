@@ -31,6 +31,7 @@ class RawData:
     items: pa.Table  # item_id: string + attributes; the catalog: every item seen anywhere has a row (nulls if unknown)
     test_negatives: dict[str, list[str]] | None  # user_id -> sampled-protocol negatives (e.g. 99)
     name: str
+    split: str = "leave_last_out"  # how test was chosen: leave_last_out | explicit | published (the format's own)
 
 
 @dataclass
