@@ -4,13 +4,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from models.bundle import load_bundle
+from models.errors import QuiverError
 from tests.conftest import tiny_config
 from training.config import parse_config
 from training.evaluate import evaluate_bundle, model_metrics
-from training.examples import encode
+from training.examples import encode, uniform_negatives
 from training.trainer import Trainer, fit
 
 
@@ -72,3 +74,21 @@ def test_unordered_history_mode_trains_and_keeps_held_out_items_out(demo_dir: Pa
     assert result.bundle is not None
     report, _ = evaluate_bundle(result.bundle, tmp_path / "report")
     assert report["model"]["users"] > 700
+
+
+def test_validation_negatives_are_distinct_and_never_known_to_the_user() -> None:
+    # users 0 and 1 over a 12-item catalog: user 0 knows items 0..5, user 1 knows items 6..9
+    users = np.array([0] * 6 + [1] * 4)
+    items = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    negs = uniform_negatives(users, items, np.array([0, 1]), n_items=12, m=5, seed=0)
+    assert negs.shape == (2, 5)
+    assert set(negs[0].tolist()) <= {6, 7, 8, 9, 10, 11} and len(set(negs[0].tolist())) == 5
+    assert set(negs[1].tolist()) <= {0, 1, 2, 3, 4, 5, 10, 11} and len(set(negs[1].tolist())) == 5
+    with pytest.raises(QuiverError, match="fewer than 7 items"):
+        uniform_negatives(users, items, np.array([0]), n_items=12, m=7, seed=0)
+
+
+def test_sampled_valid_metric_without_a_negatives_file_is_a_config_error(demo_dir: Path, tmp_path: Path) -> None:
+    cfg = parse_config(tiny_config(demo_dir, tmp_path / "models", valid_metric="sampled_HR@10"), "test")
+    with pytest.raises(QuiverError, match=r"train\.valid_metric"):
+        Trainer(cfg)

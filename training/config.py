@@ -43,7 +43,9 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(default=1, ge=1)  # torch intra-op threads per process (oversubscription is slow)
     recall_k: int = Field(default=10, ge=1)  # the in-batch training metric shown in the progress bar
-    valid_metric: str = "Recall@20"  # picks the best epoch; computed by full ranking on the validation split
+    # Picks the best epoch on the validation split: full ranking (Recall@20), or with a negatives file the sampled
+    # protocol (sampled_HR@10), validation negatives drawn like the test ones.
+    valid_metric: str = "Recall@20"
     valid_users: int = Field(default=5000, ge=1)  # validation subsample, for speed
     max_minutes: float | None = Field(default=None, gt=0)  # stop after the epoch that crosses this budget
     progress: bool = True
@@ -76,9 +78,12 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Self:
-        metric, _, k = self.train.valid_metric.partition("@")
+        metric, _, k = self.train.valid_metric.removeprefix("sampled_").partition("@")
         if metric not in ("Recall", "HR", "NDCG") or not k.isdigit() or int(k) < 1:
-            raise ValueError(f"train.valid_metric: expected Recall@K, HR@K or NDCG@K, got {self.train.valid_metric!r}")
+            raise ValueError(
+                "train.valid_metric: expected Recall@K, HR@K, NDCG@K (full ranking) or sampled_HR@K, sampled_NDCG@K "
+                f"(the negatives-file protocol), got {self.train.valid_metric!r}"
+            )
         if any(k < 1 for k in self.eval.ks):
             raise ValueError("eval.ks: every K must be >= 1")
         return self

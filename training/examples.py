@@ -154,6 +154,14 @@ def encode(raw: RawData, encoder: FeatureEncoder, data: DataConfig, valid_users:
         test = make_queries(seen, (su, si), n_users, query_len, shuffle)
         if raw.test_negatives:
             test.negatives = negatives_for(raw, test.user_row, user_index, item_index)
+            if valid is not None:
+                # Validation follows the test protocol: as many negatives, drawn as the NCF files were (uniform over
+                # the items the user never interacted with), so the best epoch is picked on the metric reported.
+                every_u = np.concatenate([seen[0], su])
+                every_i = np.concatenate([seen[2], si])
+                valid.negatives = uniform_negatives(
+                    every_u, every_i, valid.user_row, n_items, test.negatives.shape[1], data.seed
+                )
     every = [rows(t) for t in (raw.train, raw.valid, raw.test) if t is not None and t.num_rows]
     all_u, all_i, all_t = (np.concatenate([r[k] for r in every]) for k in range(3))
     return EncodedData(
@@ -217,6 +225,26 @@ def make_queries(
     seen_keep = q_of_user[su] >= 0
     exclude = Csr.from_pairs(q_of_user[su[seen_keep]], si[seen_keep], len(query_users))
     return Queries(query_users, hist, truth, exclude)
+
+
+def uniform_negatives(
+    users: np.ndarray, items: np.ndarray, query_users: np.ndarray, n_items: int, m: int, seed: int
+) -> np.ndarray:
+    """(Q, m) distinct catalog rows per query user, uniform over the items that user never interacted with."""
+    rng = np.random.default_rng(seed)
+    order = np.argsort(users, kind="stable")
+    counts = np.bincount(users, minlength=int(query_users.max(initial=0)) + 1)
+    ends = np.cumsum(counts)
+    out = np.empty((len(query_users), m), dtype=np.int64)
+    for q, u in enumerate(query_users):
+        known = items[order[ends[u] - counts[u] : ends[u]]]
+        if n_items - len(np.unique(known)) < m:
+            raise QuiverError(f"user row {u}: fewer than {m} items left to draw validation negatives from")
+        pool = np.setdiff1d(rng.choice(n_items, min(n_items, 2 * m + len(known)), replace=False), known)
+        while len(pool) < m:  # rare: the user knows most of the catalog
+            pool = np.union1d(pool, np.setdiff1d(rng.choice(n_items, m, replace=False), known))
+        out[q] = rng.permutation(pool)[:m]
+    return out
 
 
 def negatives_for(raw: RawData, query_users: np.ndarray, user_index: pa.Array, item_index: pa.Array) -> np.ndarray:

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models.bundle import save_bundle
+from models.errors import QuiverError
 from models.features import FeatureEncoder
 from models.match import MatchModel
 from models.registry import build_model
@@ -92,6 +93,9 @@ class Trainer:
         self.raw = load_data(cfg.data)
         self.encoder = FeatureEncoder.fit(cfg.features, self.raw.train, self.raw.users, self.raw.items)
         self.enc: EncodedData = encode(self.raw, self.encoder, cfg.data, cfg.train.valid_users)
+        valid = self.enc.valid
+        if cfg.train.valid_metric.startswith("sampled_") and (valid is None or valid.negatives is None):
+            raise QuiverError(f"train.valid_metric: {cfg.train.valid_metric} needs a negatives file (data.negatives)")
         self.model: MatchModel = build_model(cfg.model, cfg.features, self.encoder.table_sizes()).to(self.device)
         self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
         self.optimizer = make_optimizer(cfg, self.model)
@@ -148,8 +152,10 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         if self.enc.valid is None:
             return {}
-        k = int(self.cfg.train.valid_metric.partition("@")[2])
-        return model_metrics(self.model, self.enc, self.enc.valid, sorted({k, *self.cfg.eval.ks}), self.device)
+        metric, _, k = self.cfg.train.valid_metric.partition("@")
+        ks = sorted({int(k), *self.cfg.eval.ks}) if not metric.startswith("sampled_") else self.cfg.eval.ks
+        sampled_k = int(k) if metric.startswith("sampled_") else self.cfg.eval.sampled_k
+        return model_metrics(self.model, self.enc, self.enc.valid, ks, self.device, sampled_k)
 
     def fit(self) -> FitResult:
         t, started = self.cfg.train, time.monotonic()
