@@ -141,15 +141,20 @@ def encode(raw: RawData, encoder: FeatureEncoder, data: DataConfig, valid_users:
         codes = encoder.encode_item_ids(f, raw.items["item_id"])
         seq_codes[f.name] = np.concatenate([[0], codes]).astype(np.int64)
 
+    # Each split's rows are looked up once: id -> row mapping is the costly part (a hash lookup per event).
+    held = {name: rows(t) for name, t in (("valid", raw.valid), ("test", raw.test)) if t is not None and t.num_rows}
+    every = [(tu, ti, tt), *held.values()]
+    all_u, all_i, all_t = (np.concatenate([r[k] for r in every]) for k in range(3))
+
     valid = test = None
-    if raw.valid is not None and raw.valid.num_rows:
-        vu, vi, _ = rows(raw.valid)
+    if "valid" in held:
+        vu, vi, _ = held["valid"]
         valid = make_queries((tu, tt, ti), (vu, vi), n_users, query_len, shuffle, limit=valid_users)
-    if raw.test is not None and raw.test.num_rows:
-        su, si, _ = rows(raw.test)
+    if "test" in held:
+        su, si, _ = held["test"]
         seen = (tu, tt, ti)
-        if valid is not None:
-            vu, vi, vt = rows(raw.valid)
+        if "valid" in held:
+            vu, vi, vt = held["valid"]
             seen = (np.concatenate([tu, vu]), np.concatenate([tt, vt]), np.concatenate([ti, vi]))
         test = make_queries(seen, (su, si), n_users, query_len, shuffle)
         if raw.test_negatives:
@@ -157,13 +162,9 @@ def encode(raw: RawData, encoder: FeatureEncoder, data: DataConfig, valid_users:
             if valid is not None:
                 # Validation follows the test protocol: as many negatives, drawn as the NCF files were (uniform over
                 # the items the user never interacted with), so the best epoch is picked on the metric reported.
-                every_u = np.concatenate([seen[0], su])
-                every_i = np.concatenate([seen[2], si])
                 valid.negatives = uniform_negatives(
-                    every_u, every_i, valid.user_row, n_items, test.negatives.shape[1], data.seed
+                    all_u, all_i, valid.user_row, n_items, test.negatives.shape[1], data.seed
                 )
-    every = [rows(t) for t in (raw.train, raw.valid, raw.test) if t is not None and t.num_rows]
-    all_u, all_i, all_t = (np.concatenate([r[k] for r in every]) for k in range(3))
     return EncodedData(
         encoder=encoder,
         recent=history_now((all_u, all_t, all_i), np.arange(n_users), query_len, shuffle),
