@@ -40,6 +40,12 @@ class MatchModel(nn.Module):
     def item_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.finish(self.item_tower(batch))
 
+    def interests(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Serving output: (B, K, D) user vectors and a (B, K) bool mask of the active ones. Single-vector models
+        give K = 1; MIND overrides this with its capsules. Retrieval searches every active vector and merges."""
+        u = self.user_embedding(batch)  # (B, D)
+        return u.unsqueeze(1), torch.ones(u.shape[0], 1, dtype=torch.bool, device=u.device)
+
     def forward(
         self,
         user_batch: dict[str, torch.Tensor],
