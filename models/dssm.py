@@ -19,6 +19,7 @@ class DSSMConfig(BaseModel):
     output_dim: int = Field(default=64, ge=1)
     similarity: Similarity = "cosine"
     temperature: float = Field(default=1.0, gt=0)
+    variational_dropout: list[Literal["user", "item", "hist"]] = Field(default_factory=list)  # groups, off by default
 
 
 class DSSM(MatchModel):

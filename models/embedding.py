@@ -1,9 +1,12 @@
 """Embedding tables for every feature, and the pooling that turns a feature group into one vector per row."""
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from models.features import FeatureConfig, FeatureGroups
+from models.variational_dropout import VariationalDropout
 
 
 class FeatureEmbedding(nn.Module):
@@ -13,9 +16,19 @@ class FeatureEmbedding(nn.Module):
     non-padding positions (B, E) (zeros when empty), dense -> the standardised value itself (B, 1).
     """
 
-    def __init__(self, groups: FeatureGroups, table_sizes: dict[str, int], init_std: float = 0.05) -> None:
+    def __init__(
+        self,
+        groups: FeatureGroups,
+        table_sizes: dict[str, int],
+        init_std: float = 0.05,
+        variational_dropout: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         self.groups = groups
+        # Optional per group (DESIGN §3): one learnt drop probability per feature of the group.
+        self.dropout = nn.ModuleDict(
+            {g: VariationalDropout(len(groups.group(g))) for g in variational_dropout if groups.group(g)}
+        )
         self.tables = nn.ModuleDict()
         for f in groups.all():
             if f.kind == "dense" or f.shared_with is not None:
@@ -46,7 +59,15 @@ class FeatureEmbedding(nn.Module):
                 parts.append(self.lookup(f, x))  # (B, E)
             else:
                 parts.append(masked_mean(self.lookup(f, x), x != 0))  # (B, T, E) -> (B, E)
-        return torch.cat(parts, dim=-1)
+        return torch.cat(self.drop(group, parts), dim=-1)
+
+    def drop(self, group: str, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Variational dropout over the group's per-feature outputs, in feature order (a no-op when off)."""
+        return self.dropout[group](parts) if group in self.dropout else parts
+
+    def dropout_penalty(self, batch_size: int) -> torch.Tensor:
+        terms = [vd.penalty(batch_size) for vd in self.dropout.values()]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ A subclass supplies `user_tower` and `item_tower`; this class owns what they sha
 similarity, the similarity layout of DESIGN §3 and the temperature.
 """
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,11 @@ from models.embedding import FeatureEmbedding
 from models.similarity import similarity
 
 Similarity = Literal["cosine", "inner_product"]
+
+
+class MatchOutput(NamedTuple):
+    logits: torch.Tensor  # (B, B [+ S]) in-batch or (B, 1 + N [+ S]) sampled, already divided by tau
+    aux_loss: torch.Tensor  # () added to the softmax loss
 
 
 class MatchModel(nn.Module):
@@ -46,6 +51,22 @@ class MatchModel(nn.Module):
         u = self.user_embedding(batch)  # (B, D)
         return u.unsqueeze(1), torch.ones(u.shape[0], 1, dtype=torch.bool, device=u.device)
 
+    def train_user_vector(self, batch: dict[str, torch.Tensor], v_pos: torch.Tensor) -> torch.Tensor:
+        """The user side of the training similarity, (B, D). Single-vector models ignore the positives; MIND picks
+        among its interests with label-aware attention on them."""
+        return self.user_embedding(batch)
+
+    def aux_loss(
+        self,
+        user_batch: dict[str, torch.Tensor],
+        pos_items: dict[str, torch.Tensor],
+        u: torch.Tensor,
+        v_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """Loss terms beside the softmax: the variational-dropout penalty here (0 when off), plus DAT's
+        adaptive-mimic losses in DAT. pos_items: the item features of the B positives; u, v_pos: (B, D)."""
+        return self.embedding.dropout_penalty(u.shape[0]).to(u)
+
     def forward(
         self,
         user_batch: dict[str, torch.Tensor],
@@ -54,18 +75,22 @@ class MatchModel(nn.Module):
         in_batch: bool,
         hard_neg_indices: torch.Tensor | None = None,
         item_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Scaled logits sim(u, v, hard) / tau; both towers run inside one forward so DDP sees one graph.
+    ) -> MatchOutput:
+        """Scaled logits sim(u, v, hard) / tau and the auxiliary loss; both towers run inside one forward so DDP
+        sees one graph.
 
         `item_index` (B + N + H,) lets the item tower run once per distinct item: item_batch then holds the distinct
         rows and item_index says which of them fills each slot (popular items recur in a batch and its negatives).
         """
-        u = self.user_embedding(user_batch)  # (B, D)
         v = self.item_embedding(item_batch)  # (B + N + H, D), or (distinct, D) with item_index
         if item_index is not None:
             v = v[item_index]  # (B + N + H, D)
+        b = next(iter(user_batch.values())).shape[0]
+        u = self.train_user_vector(user_batch, v[:b])  # (B, D)
         logits = similarity(u, v, in_batch=in_batch, hard_neg_indices=hard_neg_indices) / self.temperature
         if hard_neg_indices is not None:
             # Empty hard cells hold finfo.min; dividing by tau < 1 would overflow them to -inf: keep them finite.
             logits = logits.clamp_min(torch.finfo(logits.dtype).min)
-        return logits
+        pos_rows = item_index[:b] if item_index is not None else torch.arange(b, device=u.device)  # (B,)
+        pos_items = {k: x[pos_rows] for k, x in item_batch.items()}
+        return MatchOutput(logits, self.aux_loss(user_batch, pos_items, u, v[:b]))

@@ -19,9 +19,10 @@ class TowerConfig(BaseModel):
 
 class MLP(nn.Sequential):
     """The activation is applied after the last hidden layer too; the output layer has none (L2 normalisation,
-    when the similarity is cosine, happens in the model)."""
+    when the similarity is cosine, happens in the model). output_dim None: hidden layers only (MIND's user_mlp),
+    and `out_dim` is the last hidden width."""
 
-    def __init__(self, in_dim: int, cfg: TowerConfig, output_dim: int) -> None:
+    def __init__(self, in_dim: int, cfg: TowerConfig, output_dim: int | None) -> None:
         layers: list[nn.Module] = []
         for units in cfg.hidden_units:
             layers.append(nn.Linear(in_dim, units))
@@ -31,5 +32,8 @@ class MLP(nn.Sequential):
             if cfg.dropout > 0:
                 layers.append(nn.Dropout(cfg.dropout))
             in_dim = units
-        layers.append(nn.Linear(in_dim, output_dim))
+        if output_dim is not None:
+            layers.append(nn.Linear(in_dim, output_dim))
+            in_dim = output_dim
         super().__init__(*layers)
+        self.out_dim = in_dim

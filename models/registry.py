@@ -7,16 +7,22 @@ from typing import Annotated
 
 from pydantic import Field
 
+from models.dat import DAT, DATConfig
 from models.dssm import DSSM, DSSMConfig
 from models.embedding import FeatureEmbedding
 from models.features import FeatureGroups
 from models.match import MatchModel
+from models.mind import MIND, MINDConfig
 
-ModelConfig = Annotated[DSSMConfig, Field(discriminator="type")]
+ModelConfig = Annotated[DSSMConfig | DATConfig | MINDConfig, Field(discriminator="type")]
 
 
 def build_model(cfg: ModelConfig, groups: FeatureGroups, table_sizes: dict[str, int]) -> MatchModel:
-    embedding = FeatureEmbedding(groups, table_sizes)
+    embedding = FeatureEmbedding(groups, table_sizes, variational_dropout=cfg.variational_dropout)
     if isinstance(cfg, DSSMConfig):
         return DSSM(cfg, embedding)
+    if isinstance(cfg, DATConfig):
+        return DAT(cfg, embedding, table_sizes)
+    if isinstance(cfg, MINDConfig):
+        return MIND(cfg, embedding)
     raise ValueError(f"unknown model type {cfg.type!r}")

@@ -292,7 +292,8 @@ def test_cosine_outputs_have_unit_norm_and_inner_product_is_raw() -> None:
     assert not torch.allclose(v_ip.norm(dim=1), torch.ones(5), atol=1e-3)
     assert torch.allclose(u_cos, u_ip / u_ip.norm(dim=1, keepdim=True), atol=1e-6)  # same towers, normalised
     with torch.no_grad():
-        logits = cos(USER_BATCH, ITEM_BATCH, in_batch=False)
+        logits, aux = cos(USER_BATCH, ITEM_BATCH, in_batch=False)
+    assert aux.item() == 0.0  # DSSM has no auxiliary loss
     assert logits.shape == (3, 1 + 2)
     assert logits.abs().max().item() <= 1.0 + 1e-6  # cosine at tau = 1
     assert torch.allclose(logits, similarity(u_cos, v_cos, in_batch=False), atol=1e-6)
@@ -304,8 +305,8 @@ def test_temperature_divides_the_logits() -> None:
     items = {k: v[:3] for k, v in ITEM_BATCH.items()}
     with torch.no_grad():
         for in_batch, batch in ((True, items), (False, ITEM_BATCH)):
-            a = one(USER_BATCH, batch, in_batch=in_batch)
-            b = half(USER_BATCH, batch, in_batch=in_batch)
+            a = one(USER_BATCH, batch, in_batch=in_batch).logits
+            b = half(USER_BATCH, batch, in_batch=in_batch).logits
             assert torch.equal(b, a * 2)  # x / 0.5 is exactly 2x in floating point
             assert not torch.equal(a, b)
 
@@ -315,7 +316,7 @@ def test_model_forward_with_hard_negatives_has_the_design_width() -> None:
     # rows: 3 positives, 1 sampled negative, 2 hard negatives (user 2 slot 0, user 0 slot 2) -> S = 3
     items = {k: v[[0, 1, 2, 3, 4, 0]] for k, v in ITEM_BATCH.items()}
     with torch.no_grad():
-        logits = model(USER_BATCH, items, in_batch=False, hard_neg_indices=torch.tensor([[2, 0], [0, 2]]))
+        logits = model(USER_BATCH, items, in_batch=False, hard_neg_indices=torch.tensor([[2, 0], [0, 2]])).logits
     assert logits.shape == (3, 1 + 1 + 3)
     m = torch.finfo(logits.dtype).min
     filled = logits > m

@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from models.errors import QuiverError
 from models.features import FeatureGroups
+from models.mind import MINDConfig
 from models.registry import ModelConfig
 from training.data.config import DataConfig
 
-MODEL_TYPES = ("dssm",)
+MODEL_TYPES = ("dssm", "dat", "mind", "tdm")  # tdm: the reranker, its own config (training/tdm_config.py)
 
 
 class NegativeConfig(BaseModel):
@@ -27,6 +28,22 @@ class NegativeConfig(BaseModel):
     num: int = Field(default=1024, ge=1)
     alpha: float = Field(default=0.75, ge=0.0)
     log_q: bool = True
+
+
+class HardNegativeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_hard: int = Field(default=0, ge=0)  # per training row; 0 = off
+    # exposures: a user_id,item_id file of items shown but not clicked; category: the positive's category.
+    source: Literal["exposures", "category"] = "category"
+    exposures: str | None = None  # file name, relative to data.path when not absolute
+    category_column: str = "category"  # item-table column that defines "the same category"
+
+    @model_validator(mode="after")
+    def _needs_file(self) -> Self:
+        if self.source == "exposures" and self.num_hard > 0 and not self.exposures:
+            raise ValueError("hard_negative.exposures: source 'exposures' needs a user_id,item_id file")
+        return self
 
 
 class TrainConfig(BaseModel):
@@ -72,6 +89,7 @@ class Config(BaseModel):
     features: FeatureGroups
     model: ModelConfig
     negatives: NegativeConfig = Field(default_factory=NegativeConfig)
+    hard_negative: HardNegativeConfig = Field(default_factory=HardNegativeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig
@@ -84,6 +102,13 @@ class Config(BaseModel):
                 "train.valid_metric: expected Recall@K, HR@K, NDCG@K (full ranking) or sampled_HR@K, sampled_NDCG@K "
                 f"(the negatives-file protocol), got {self.train.valid_metric!r}"
             )
+        if isinstance(self.model, MINDConfig):
+            longest = max(self.data.max_seq_len, self.data.query_seq_len or 0)
+            if longest > self.model.max_seq_len:
+                raise ValueError(
+                    f"model.max_seq_len: {self.model.max_seq_len} is shorter than the histories the data section "
+                    f"builds ({longest}, data.max_seq_len / data.query_seq_len)"
+                )
         if any(k < 1 for k in self.eval.ks):
             raise ValueError("eval.ks: every K must be >= 1")
         return self

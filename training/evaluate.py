@@ -29,13 +29,26 @@ def item_vectors(model: MatchModel, enc: EncodedData, device: torch.device, batc
 @torch.no_grad()
 def user_vectors(
     model: MatchModel, enc: EncodedData, q: Queries, device: torch.device, batch: int = 4096
-) -> torch.Tensor:
-    """(Q, D) user-tower output for each query."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, K, D) serving vectors of each query and their (Q, K) active mask (K = 1 but for MIND)."""
     out = [
-        model.user_embedding(enc.user_batch(q.user_row[s : s + batch], q.hist[s : s + batch], device))
+        model.interests(enc.user_batch(q.user_row[s : s + batch], q.hist[s : s + batch], device))
         for s in range(0, len(q.user_row), batch)
     ]
-    return torch.cat(out)
+    return torch.cat([v for v, _ in out]), torch.cat([m for _, m in out])
+
+
+def union_hit_rate(users: torch.Tensor, mask: torch.Tensor, items: torch.Tensor, q: Queries, k: int) -> float:
+    """TorchEasyRec's multi-interest hit rate: each active interest retrieves its own top-k, and a user counts as a
+    hit when the union of those lists (up to K * k items) holds a held-out item. Never below the merged HR@k."""
+    hit = np.zeros(len(q.user_row), dtype=bool)
+    truth_rows = np.repeat(np.arange(len(q.user_row)), np.diff(q.truth.indptr))
+    for j in range(users.shape[1]):
+        _, top = top_k_items(users[:, j], items, q.exclude, k)  # (Q, k)
+        active = mask[:, j].cpu().numpy()
+        found = (top[truth_rows] == q.truth.indices[:, None]).any(1)  # (truth pairs,)
+        hit |= np.bincount(truth_rows[found], minlength=len(hit)).astype(bool) & active
+    return float(hit.mean()) if len(hit) else 0.0
 
 
 def model_metrics(
@@ -44,15 +57,24 @@ def model_metrics(
     was_training = model.training
     model.eval()
     try:
-        users, items = user_vectors(model, enc, q, device), item_vectors(model, enc, device)
+        (users, mask), items = user_vectors(model, enc, q, device), item_vectors(model, enc, device)
     finally:
         model.train(was_training)
-    _, top = top_k_items(users, items, q.exclude, max(ks))
+    multi = users.shape[1] > 1
+    if multi:
+        _, top = top_k_items(users, items, q.exclude, max(ks), interest_mask=mask)  # merged over interests
+    else:
+        _, top = top_k_items(users[:, 0], items, q.exclude, max(ks))
     metrics = full_ranking_metrics(top, q.truth, ks)
+    if multi:
+        metrics |= {f"union_HR@{k}": union_hit_rate(users, mask, items, q, k) for k in ks}
     if q.negatives is not None:
+        # An item's score for a multi-interest user is its best score over the active interests.
+        off = torch.where(mask, 0.0, float("-inf")).to(users.dtype)  # (Q, K)
         first_truth = q.truth.indices[q.truth.indptr[:-1]]  # (Q,) one positive per user
-        pos = (users * items[torch.from_numpy(first_truth)]).sum(-1)  # (Q,)
-        neg = torch.einsum("qd,qmd->qm", users, items[torch.from_numpy(q.negatives)])  # (Q, M)
+        pos = (torch.einsum("qkd,qd->qk", users, items[torch.from_numpy(first_truth)]) + off).amax(1)  # (Q,)
+        neg = torch.einsum("qkd,qmd->qkm", users, items[torch.from_numpy(q.negatives)])  # (Q, K, M)
+        neg = (neg + off.unsqueeze(-1)).amax(1)  # (Q, M)
         metrics |= {
             f"sampled_{k}": v for k, v in sampled_metrics(pos.cpu().numpy(), neg.cpu().numpy(), sampled_k).items()
         }

@@ -29,9 +29,11 @@ from models.registry import build_model
 from models.similarity import labels_for, recall_at_k, softmax_loss
 from training.config import Config
 from training.data.load import load_data
+from training.data.readers import data_root
 from training.data.schema import RawData
 from training.evaluate import model_metrics
 from training.examples import EncodedData, encode
+from training.hard_negatives import HardNegativeSampler, item_categories, read_exposures
 from training.sampler import NegativeSampler, log_q_correction
 
 
@@ -111,6 +113,20 @@ class Trainer:
             if neg.mode == "sampled"
             else None
         )
+        self.hard = self.hard_sampler()
+
+    def hard_sampler(self) -> HardNegativeSampler | None:
+        hn, enc = self.cfg.hard_negative, self.enc
+        if hn.num_hard == 0:
+            return None
+        seen, seed = (enc.train.user_row, enc.train.item_row), self.cfg.train.seed * 1000 + self.rank + 1
+        if hn.source == "category":
+            category = item_categories(enc.items, hn.category_column)
+            return HardNegativeSampler.by_category(category, seen, enc.n_items, hn.num_hard, seed)
+        assert hn.exposures is not None
+        path = Path(hn.exposures) if Path(hn.exposures).is_absolute() else data_root(self.cfg.data) / hn.exposures
+        eu, ei = read_exposures(path, enc.user_ids, enc.items["item_id"].combine_chunks())
+        return HardNegativeSampler.by_exposures(eu, ei, len(enc.user_ids), seen, enc.n_items, hn.num_hard, seed)
 
     def shard(self, epoch: int) -> np.ndarray:
         """This process's example order for the epoch; every rank gets the same count so DDP steps stay in step."""
@@ -131,16 +147,23 @@ class Trainer:
             neg_rows, log_q_np = self.sampler.sample(item_rows)
             item_rows = np.concatenate([item_rows, neg_rows])  # (B + N,)
             log_q = torch.from_numpy(log_q_np).to(dev)
+        hard_idx = None
+        if self.hard is not None:
+            hard_rows, hard_pairs = self.hard.sample(ev.user_row[idx], ev.item_row[idx])  # (H,), (H, 2)
+            if len(hard_rows):
+                item_rows = np.concatenate([item_rows, hard_rows])  # (B + N + H,)
+                hard_idx = torch.from_numpy(hard_pairs).to(dev)
         user_batch = enc.user_batch(ev.user_row[idx], ev.histories(idx), dev)
         distinct, slot = np.unique(item_rows, return_inverse=True)  # the item tower runs once per distinct item
         item_batch = enc.item_batch(distinct, dev)
         net = self.ddp or self.model
         item_index = torch.from_numpy(slot).to(dev)
-        logits = net(user_batch, item_batch, in_batch=in_batch, item_index=item_index)  # (B, B) or (B, 1 + N)
+        # (B, B [+ S]) in-batch or (B, 1 + N [+ S]) sampled
+        logits, aux = net(user_batch, item_batch, in_batch=in_batch, hard_neg_indices=hard_idx, item_index=item_index)
         if log_q is not None and self.cfg.negatives.log_q:
             logits = log_q_correction(logits, log_q)
         labels = labels_for(logits, in_batch)
-        loss = softmax_loss(logits, labels, torch.from_numpy(ev.weight[idx]).to(dev))
+        loss = softmax_loss(logits, labels, torch.from_numpy(ev.weight[idx]).to(dev)) + aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -1,0 +1,98 @@
+"""MIND: multi-interest network with dynamic routing (DESIGN §4).
+
+The user tower turns the history into up to K interest vectors (capsule routing), each joined with the user's
+static features. Training scores the positive against one vector per user chosen by label-aware attention; serving
+returns every active interest, and retrieval searches each and merges.
+"""
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from models.capsule import CapsuleRouting
+from models.embedding import FeatureEmbedding
+from models.match import MatchModel, Similarity
+from models.mlp import MLP, TowerConfig
+
+
+class MINDConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["mind"]
+    user_tower: TowerConfig = Field(default_factory=lambda: TowerConfig(hidden_units=[64]))  # user_mlp
+    hist_seq_mlp: list[int] = Field(default_factory=list)  # optional bias-free layers before routing
+    capsule_dim: int | None = Field(default=None, ge=1)  # default: the history embedding width
+    max_k: int = Field(default=5, ge=1)
+    num_iters: int = Field(default=3, ge=1)
+    routing_scale: float = Field(default=20.0, gt=0)
+    routing_stddev: float = Field(default=1.0, gt=0)
+    const_caps_num: bool = False
+    max_seq_len: int = Field(default=50, ge=1)  # rows of the fixed routing-logit buffer: the longest history
+    concat_tower: TowerConfig = Field(default_factory=lambda: TowerConfig(hidden_units=[128]))  # concat_mlp
+    item_tower: TowerConfig = Field(default_factory=TowerConfig)
+    output_dim: int = Field(default=64, ge=1)
+    similarity: Similarity = "cosine"
+    temperature: float = Field(default=1.0, gt=0)
+    simi_pow: float = Field(default=10.0, gt=0)  # label-aware attention sharpness
+    variational_dropout: list[Literal["user", "item", "hist"]] = Field(default_factory=list)
+
+
+class MIND(MatchModel):
+    def __init__(self, cfg: MINDConfig, embedding: FeatureEmbedding) -> None:
+        super().__init__(embedding, cfg.similarity, cfg.temperature)
+        self.cfg = cfg
+        groups = embedding.groups
+        if not groups.group("hist"):
+            raise ValueError("MIND needs a hist feature group (the sequence it routes into interests)")
+        self.hist_features = groups.group("hist")
+        hist_dim = sum(f.embedding_dim for f in self.hist_features)
+        layers: list[nn.Module] = []
+        for units in cfg.hist_seq_mlp:
+            layers += [nn.Linear(hist_dim, units, bias=False), nn.ReLU()]
+            hist_dim = units
+        self.hist_seq_mlp = nn.Sequential(*layers)
+        capsule_dim = cfg.capsule_dim or hist_dim
+        self.routing = CapsuleRouting(
+            hist_dim,
+            capsule_dim,
+            cfg.max_k,
+            cfg.max_seq_len,
+            cfg.num_iters,
+            cfg.routing_scale,
+            cfg.routing_stddev,
+            cfg.const_caps_num,
+        )
+        self.user_mlp = MLP(embedding.group_dim("user"), cfg.user_tower, None) if groups.group("user") else None
+        user_dim = self.user_mlp.out_dim if self.user_mlp is not None else 0
+        self.concat_mlp = MLP(capsule_dim + user_dim, cfg.concat_tower, cfg.output_dim)
+        self.item_mlp = MLP(embedding.group_dim("item"), cfg.item_tower, cfg.output_dim)
+
+    def item_tower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.item_mlp(self.embedding("item", batch))  # (N, item_in) -> (N, D)
+
+    def interests(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K, D) interest vectors, each L2-normalised separately under cosine, and the (B, K) active mask."""
+        codes = batch[self.hist_features[0].name]  # (B, T), 0 = padding
+        seq = [self.embedding.lookup(f, batch[f.name]) for f in self.hist_features]  # each (B, T, E_f)
+        x = self.hist_seq_mlp(torch.cat(self.embedding.drop("hist", seq), dim=-1))  # (B, T, Dh)
+        caps, mask = self.routing(x, codes != 0)  # (B, K, Dc), (B, K)
+        if self.user_mlp is not None:
+            user = self.user_mlp(self.embedding("user", batch))  # (B, Du)
+            caps = torch.cat([caps, user.unsqueeze(1).expand(-1, caps.shape[1], -1)], dim=-1)  # (B, K, Dc + Du)
+        return self.finish(self.concat_mlp(caps)), mask  # (B, K, D)
+
+    def user_tower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError("MIND serves several vectors per user: call interests()")
+
+    def user_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError("MIND serves several vectors per user: call interests()")
+
+    def train_user_vector(self, batch: dict[str, torch.Tensor], v_pos: torch.Tensor) -> torch.Tensor:
+        """Label-aware attention: a = softmax_k(simi_pow * <interest_k, v_pos>) over the active interests,
+        user = sum_k a_k interest_k; (B, D)."""
+        caps, mask = self.interests(batch)  # (B, K, D), (B, K)
+        att = self.cfg.simi_pow * torch.einsum("bkd,bd->bk", caps, v_pos)  # (B, K)
+        att = torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+        return torch.einsum("bk,bkd->bd", att, caps)
