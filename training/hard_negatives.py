@@ -101,9 +101,8 @@ def item_categories(items: pa.Table, column: str) -> np.ndarray:
     if column not in items.column_names:
         raise QuiverError(f"hard_negative.category_column: the item table has no column {column!r}")
     values = items[column].cast(pa.string())
-    codes = values.dictionary_encode().combine_chunks()
-    out = codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.where(values.is_null().to_numpy(zero_copy_only=False), -1, out)
+    codes = pc.fill_null(values.dictionary_encode().combine_chunks().indices, -1)
+    return codes.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def read_exposures(path: Path, user_index: pa.Array, item_index: pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ only ever runs on the error path.
 
 import csv
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, NoReturn
@@ -160,8 +161,29 @@ def read_table_file(path: Path, *, types: dict[str, pa.DataType], checks: dict[s
     raise QuiverError(f"{path}: unknown file type '{suffix}' (expected .parquet, .csv or .tsv)")
 
 
+def read_json_mapping(path: Path, id_column: str) -> pa.Table:
+    """A JSON object {id: [value, ...]} (Amazon S3-Rec `*_item2attributes.json`) as `id_column` plus one string
+    column `attributes` holding the values joined by "|" (a multi_id feature with separator "|" reads it)."""
+    require_file(path)
+    try:
+        mapping = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise QuiverError(f"{path}: not a readable JSON file ({err})") from None
+    if not isinstance(mapping, dict):
+        raise QuiverError(f"{path}: expected a JSON object mapping each {id_column} to a list of values")
+    values = []
+    for key, value in mapping.items():
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (dict, list)) for v in items):
+            raise QuiverError(f"{path}: {id_column} {key!r}: values must be scalars or a list of scalars")
+        values.append("|".join(str(v) for v in items))
+    return pa.table({id_column: pa.array(list(mapping), pa.string()), "attributes": pa.array(values, pa.string())})
+
+
 def read_side_table(path: Path, id_column: str) -> pa.Table:
     """A user or item table: `id_column` (cast to string, unique) plus attribute columns of inferred types."""
+    if path.suffix.lower() == ".json":
+        return read_json_mapping(path, id_column)
     table = read_table_file(path, types={id_column: pa.string()}, checks={})
     if id_column not in table.column_names:
         raise QuiverError(f"{path}: missing column '{id_column}' (a {id_column[:-3]} table is keyed by it)")
