@@ -12,7 +12,7 @@ from models.errors import QuiverError
 from models.inputs import user_vectors
 from tests.conftest import tiny_config
 from training.config import parse_config
-from training.evaluate import evaluate_bundle, union_hit_rate
+from training.evaluate import evaluate_bundle, union_hit_rates
 from training.examples import Queries
 from training.ranking import Csr
 from training.trainer import fit
@@ -109,4 +109,7 @@ def test_union_hit_rate_by_hand() -> None:
     empty = Csr.from_pairs(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 2)
     q = Queries(np.array([0, 1]), np.zeros((2, 1), dtype=np.int64), truth, empty)
     # top-1 per interest: user 0 gets {0, 3} -> hit; user 1 only {0} -> miss
-    assert union_hit_rate(users, mask, items, q, 1) == 0.5
+    # top-2: user 0 {0, 1} + {3, 2}; user 1 {0, 1} -> still a miss
+    assert union_hit_rates(users, mask, items, q, [1, 2]) == {1: 0.5, 2: 0.5}
+    # top-4 covers the catalog for user 1's only interest
+    assert union_hit_rates(users, mask, items, q, [4]) == {4: 1.0}

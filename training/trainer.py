@@ -178,7 +178,7 @@ class Trainer:
         metric, _, k = self.cfg.train.valid_metric.partition("@")
         ks = sorted({int(k), *self.cfg.eval.ks}) if not metric.startswith("sampled_") else self.cfg.eval.ks
         sampled_k = int(k) if metric.startswith("sampled_") else self.cfg.eval.sampled_k
-        return model_metrics(self.model, self.enc, self.enc.valid, ks, self.device, sampled_k)
+        return model_metrics(self.model, self.enc, self.enc.valid, ks, self.device, sampled_k, union=False)
 
     def fit(self) -> FitResult:
         t, started = self.cfg.train, time.monotonic()
