@@ -6,11 +6,11 @@ clicked and a_v towards the users who clicked the item, so each tower sees a sum
 that plain two towers can never exchange. At serving a_u / a_v are just more embedding lookups.
 """
 
-from typing import Literal
+from typing import Literal, Self
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from models.embedding import FeatureEmbedding
@@ -30,9 +30,21 @@ class DATConfig(BaseModel):
     # The id features whose codes index the augmented tables (their vocabularies size the tables).
     user_id_feature: str = "user_id"
     item_id_feature: str = "item_id"
+    # Size of a_u / a_v. They are mimics of the other tower's output, so it must be output_dim; accepted only to
+    # reject a config that sets something else.
+    augment_dim: int | None = Field(default=None, ge=1)
     amm_user_weight: float = Field(default=0.5, ge=0)  # w_u
     amm_item_weight: float = Field(default=0.5, ge=0)  # w_i
     variational_dropout: list[Literal["user", "item", "hist"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _augment_dim(self) -> Self:
+        if self.augment_dim is not None and self.augment_dim != self.output_dim:
+            raise ValueError(
+                f"model.augment_dim: {self.augment_dim} must equal output_dim ({self.output_dim}): the AMM loss "
+                "compares the augmented vectors with the other tower's output"
+            )
+        return self
 
 
 class DAT(MatchModel):

@@ -4,8 +4,25 @@ Item rows arrive stacked as [positives (B); sampled negatives (N); hard negative
 N = 0 and the positives of the other rows are the negatives.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+# Sampled-mode similarity runs the Triton kernel (models/kernels/sampled_similarity.py) on CUDA tensors when triton
+# is installed; QUIVER_TRITON=0 (read at import) or setting this to False forces the torch reference below. CPU
+# tensors always take the reference: Triton's CPU interpreter is for the kernel tests only.
+USE_TRITON = os.environ.get("QUIVER_TRITON", "1") != "0"
+
+
+def _use_triton(u: torch.Tensor, v: torch.Tensor) -> bool:
+    if not (USE_TRITON and u.is_cuda and v.is_cuda and u.dtype == v.dtype):
+        return False
+    if u.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # e.g. float64 checks stay on the reference
+        return False
+    from models.kernels import triton_available  # lazy: triton is a dev extra
+
+    return triton_available()
 
 
 def similarity(
@@ -22,6 +39,10 @@ def similarity(
     (row_j, slot_j) of a (B, S = max_slot + 1) block; empty cells hold the dtype's most negative finite value
     (no NaN, no gradient).
     """
+    if not in_batch and _use_triton(u, v):
+        from models.kernels.sampled_similarity import sampled_similarity
+
+        return sampled_similarity(u, v, hard_neg_indices)
     b = u.shape[0]
     h = 0 if hard_neg_indices is None else hard_neg_indices.shape[0]
     n_items = v.shape[0] - h

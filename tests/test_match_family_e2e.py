@@ -85,7 +85,7 @@ def test_hard_negatives_train_a_dssm(demo_dir: Path, tmp_path: Path) -> None:
 
 
 def test_hard_negative_category_column_must_exist(demo_dir: Path, tmp_path: Path) -> None:
-    cfg = _config(demo_dir, tmp_path, hard_negative={"num_hard": 4, "category_column": "genre"})
+    cfg = _config(demo_dir, tmp_path, hard_negative={"num_hard": 4, "source": "category", "category_column": "genre"})
     with pytest.raises(QuiverError, match="category_column"):
         fit(parse_config(cfg, "test"))
 
@@ -97,6 +97,14 @@ def test_config_errors_for_the_match_family(demo_dir: Path, tmp_path: Path) -> N
         parse_config(_config(demo_dir, tmp_path, hard_negative={"num_hard": 2, "source": "exposures"}), "t.yaml")
     with pytest.raises(QuiverError, match=r"model\.simi_pow"):  # the discriminator tag is not in the path
         parse_config(_config(demo_dir, tmp_path, {**MIND, "simi_pow": "sharp"}), "t.yaml")
+    with pytest.raises(QuiverError, match=r"model\.max_k: Input should be greater than or equal to 1"):
+        parse_config(_config(demo_dir, tmp_path, {**MIND, "max_k": 0}), "t.yaml")
+    with pytest.raises(QuiverError, match=r"model\.augment_dim: 8 must equal output_dim \(16\)"):
+        parse_config(_config(demo_dir, tmp_path, {**DAT, "augment_dim": 8}), "t.yaml")
+    with pytest.raises(QuiverError, match=r"hard_negative\.source: required"):
+        parse_config(_config(demo_dir, tmp_path, hard_negative={"num_hard": 2}), "t.yaml")
+    with pytest.raises(QuiverError, match=r"hard_negative\.num_hards: Extra inputs"):
+        parse_config(_config(demo_dir, tmp_path, hard_negative={"num_hards": 2}), "t.yaml")
 
 
 def test_union_hit_rate_by_hand() -> None:

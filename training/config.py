@@ -35,12 +35,14 @@ class HardNegativeConfig(BaseModel):
 
     num_hard: int = Field(default=0, ge=0)  # per training row; 0 = off
     # exposures: a user_id,item_id file of items shown but not clicked; category: the positive's category.
-    source: Literal["exposures", "category"] = "category"
+    source: Literal["exposures", "category"] | None = None
     exposures: str | None = None  # file name, relative to data.path when not absolute
     category_column: str = "category"  # item-table column that defines "the same category"
 
     @model_validator(mode="after")
     def _needs_file(self) -> Self:
+        if self.num_hard > 0 and self.source is None:
+            raise ValueError("hard_negative.source: required when num_hard > 0 ('exposures' or 'category')")
         if self.source == "exposures" and self.num_hard > 0 and not self.exposures:
             raise ValueError("hard_negative.exposures: source 'exposures' needs a user_id,item_id file")
         return self
