@@ -1,0 +1,6 @@
+"""Index stage (DESIGN §6): FAISS index bundles built from a model bundle's item tower, published atomically.
+
+factory (factory strings, metric, build), quality (recall vs exact search), bundle (files, load, verify), publish
+(staging, CURRENT, retention, Redis), search (multi-interest merge with exclusion), build / rebuild / upsert (the
+jobs), cli (`quiver-index`). Imports `models/` only, never `training/`.
+"""

@@ -56,7 +56,7 @@ class ModelBundle:
         return str(self.manifest["name"])
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -64,7 +64,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*")):
         if p.is_file():
             with p.open("rb") as f:
@@ -115,7 +115,7 @@ def save_bundle(
         pq.write_table(items, tmp / "items.parquet")
         pq.write_table(users, tmp / "users.parquet")
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        checksums = {rel: _sha256(tmp / rel) for rel in files}
+        checksums = {rel: sha256_file(tmp / rel) for rel in files}
         manifest: dict[str, Any] = {
             "format": FORMAT,
             "name": name,
@@ -135,7 +135,7 @@ def save_bundle(
         manifest["version"] = version
         manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         final = parent / version
         if final.exists():
             shutil.rmtree(tmp)  # identical content is already published
@@ -148,18 +148,23 @@ def save_bundle(
         raise
 
 
-def resolve_bundle(path: str | Path) -> Path:
-    """A version folder, or a model folder whose LATEST names one."""
+def resolve_version(path: str | Path, pointer_name: str, what: str) -> Path:
+    """A version folder (it holds a manifest), or a name folder whose pointer file (LATEST, CURRENT) names one."""
     p = Path(path)
     if (p / MANIFEST).is_file():
         return p
-    pointer = p / LATEST
+    pointer = p / pointer_name
     if pointer.is_file():
         version = pointer.read_text().strip()
         if (p / version / MANIFEST).is_file():
             return p / version
         raise QuiverError(f"{pointer}: names version {version!r}, which has no {MANIFEST}")
-    raise QuiverError(f"{p}: not a model bundle (no {MANIFEST}, no {LATEST})")
+    raise QuiverError(f"{p}: not {what} (no {MANIFEST}, no {pointer_name})")
+
+
+def resolve_bundle(path: str | Path) -> Path:
+    """A version folder, or a model folder whose LATEST names one."""
+    return resolve_version(path, LATEST, "a model bundle")
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -177,7 +182,7 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
         f = path / rel
         if not f.is_file():
             raise QuiverError(f"{f}: missing from the bundle")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise QuiverError(f"{f}: checksum mismatch (corrupted or modified bundle)")
 
 

@@ -1,0 +1,179 @@
+"""Index bundles (DESIGN §6): one FAISS index, its row -> item id table, and a manifest tying it to a model version.
+
+    artifacts/indexes/<name>/<version>/
+        manifest.json   model bundle name + version, index factory/type/params/search params, metric, dim,
+                        item count, recall measured at build, sha256 of every file, version
+        index.faiss     a CPU FAISS index (loads without a GPU); its int64 labels are rows of ids.npy
+        ids.npy         row -> item id, fixed-width unicode (np.load(allow_pickle=False) never runs code)
+    artifacts/indexes/<name>/CURRENT   one line: the version the service loads
+
+Loading verifies checksums before FAISS parses a byte, so a truncated or modified file is refused with a message
+naming it rather than crashing the reader; a bundle built for another model version is refused too, because item
+vectors from one model are meaningless to another model's user tower.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index.factory import metric_for, metric_name, set_search_params
+from models.bundle import resolve_version, sha256_file
+from models.errors import QuiverError
+
+FORMAT = 1
+KIND = "quiver-index"
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.npy"
+CURRENT = "CURRENT"
+
+
+def ids_array(ids: list[str] | np.ndarray) -> np.ndarray:
+    """(N,) fixed-width unicode: saved and loaded without pickle (an object array would need it)."""
+    arr = np.asarray([str(i) for i in ids])
+    return arr.astype(f"<U{max(1, arr.dtype.itemsize // 4)}") if arr.size else np.zeros(0, dtype="<U1")
+
+
+@dataclass
+class IndexBundle:
+    path: Path
+    manifest: dict[str, Any]
+    index: faiss.Index  # CPU, search params of the manifest applied
+    ids: np.ndarray  # (N,) <U: label -> item id
+    _rows: dict[str, int] | None = field(default=None, repr=False)
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def model_name(self) -> str:
+        return str(self.manifest["model"]["name"])
+
+    @property
+    def model_version(self) -> str:
+        return str(self.manifest["model"]["version"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def metric(self) -> str:
+        return str(self.manifest["metric"])
+
+    def row_of(self) -> dict[str, int]:
+        """item id -> label, built once on first use (exclusion lists and upserts need it)."""
+        if self._rows is None:
+            self._rows = {item: row for row, item in enumerate(self.ids.tolist())}
+        return self._rows
+
+
+def write_files(folder: Path, index: faiss.Index, ids: np.ndarray, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write index.faiss, ids.npy and manifest.json (with checksums) into `folder`; returns the manifest."""
+    if ids.dtype.kind != "U":
+        raise QuiverError(f"{folder / IDS_FILE}: ids must be a fixed-width unicode array, got {ids.dtype}")
+    faiss.write_index(index, str(folder / INDEX_FILE))
+    np.save(folder / IDS_FILE, ids, allow_pickle=False)
+    out = {
+        **manifest,
+        "format": FORMAT,
+        "kind": KIND,
+        "files": {rel: sha256_file(folder / rel) for rel in (INDEX_FILE, IDS_FILE)},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (folder / MANIFEST).write_text(json.dumps(out, indent=2, sort_keys=True))
+    return out
+
+
+def resolve_index(path: str | Path) -> Path:
+    """A version folder, or an index name folder whose CURRENT names one."""
+    return resolve_version(path, CURRENT, "an index bundle")
+
+
+def read_index_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise QuiverError(f"{path / MANIFEST}: unreadable manifest ({err})".replace("\n", " ")) from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND or manifest.get("format") != FORMAT:
+        raise QuiverError(f"{path / MANIFEST}: not a format-{FORMAT} index bundle manifest")
+    for key in ("version", "name", "model", "index", "metric", "dim", "num_items", "files"):
+        if key not in manifest:
+            raise QuiverError(f"{path / MANIFEST}: missing field {key!r}")
+    return manifest
+
+
+def verify_index_files(path: Path, manifest: dict[str, Any]) -> None:
+    files = manifest["files"]
+    for rel in (INDEX_FILE, IDS_FILE):
+        if rel not in files:
+            raise QuiverError(f"{path / MANIFEST}: no checksum for {rel}")
+        f = path / rel
+        if not f.is_file():
+            raise QuiverError(f"{f}: missing from the index bundle")
+        if sha256_file(f) != files[rel]:
+            raise QuiverError(f"{f}: checksum mismatch (corrupted or modified index bundle)")
+
+
+def check_model(manifest: dict[str, Any], model_manifest: dict[str, Any], where: Path) -> None:
+    """Refuse a pairing whose model version, dimension or metric differs from the loaded model bundle's."""
+    want, have = str(manifest["model"]["version"]), str(model_manifest.get("version"))
+    if want != have:
+        raise QuiverError(f"{where / MANIFEST}: built for model version {want}, the loaded model is version {have}")
+    dim = model_manifest.get("embedding_dim")
+    if dim is not None and int(dim) != int(manifest["dim"]):
+        raise QuiverError(f"{where / MANIFEST}: index dimension {manifest['dim']} != model embedding_dim {dim}")
+    metric = metric_name(metric_for(str(model_manifest.get("similarity"))))
+    if metric != manifest["metric"]:
+        raise QuiverError(f"{where / MANIFEST}: index metric {manifest['metric']} does not match the model's {metric}")
+
+
+def load_index(
+    path: str | Path,
+    model_version: str | None = None,
+    model_manifest: dict[str, Any] | None = None,
+    verify: bool = True,
+) -> IndexBundle:
+    """Load an index bundle (a version folder, or a name folder via CURRENT), refusing anything that fails to verify.
+
+    `model_manifest` (or just `model_version`) is the model it will be paired with: any mismatch is refused."""
+    p = resolve_index(path)
+    manifest = read_index_manifest(p)
+    if verify:
+        verify_index_files(p, manifest)
+    if model_manifest is not None:
+        check_model(manifest, model_manifest, p)
+    elif model_version is not None and str(manifest["model"]["version"]) != str(model_version):
+        raise QuiverError(
+            f"{p / MANIFEST}: built for model version {manifest['model']['version']}, "
+            f"the loaded model is version {model_version}"
+        )
+    try:
+        index = faiss.read_index(str(p / INDEX_FILE))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+        raise QuiverError(f"{p / INDEX_FILE}: not a readable FAISS index ({first})") from None
+    try:
+        ids = np.load(p / IDS_FILE, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise QuiverError(f"{p / IDS_FILE}: not a readable id array ({err})".replace("\n", " ")) from None
+    if ids.ndim != 1 or ids.dtype.kind != "U":
+        raise QuiverError(f"{p / IDS_FILE}: expected a 1-d unicode array, got {ids.dtype} {ids.shape}")
+    if index.d != int(manifest["dim"]):
+        raise QuiverError(f"{p / INDEX_FILE}: dimension {index.d} != manifest dim {manifest['dim']}")
+    if index.ntotal != len(ids) or index.ntotal != int(manifest["num_items"]):
+        raise QuiverError(
+            f"{p / INDEX_FILE}: holds {index.ntotal} vectors, ids.npy {len(ids)}, manifest {manifest['num_items']}"
+        )
+    set_search_params(index, manifest["index"].get("search") or {})
+    return IndexBundle(p, manifest, index, ids)

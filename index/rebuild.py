@@ -1,0 +1,117 @@
+"""`quiver-index rebuild`: the batch job (cron, or the compose `index-builder` one-shot).
+
+For each model (one named with --model, else every model folder under the models root) it takes the newest bundle
+(LATEST), and builds, verifies and publishes its index unless the published one is already up to date: CURRENT was
+built from that model version with the same factory string and search parameters (upserts on top of it included).
+Running it again changes nothing, so a scheduler may run it as often as it likes.
+
+The factory string comes from --index, else from the CURRENT index (a job keeps whatever a person chose), else the
+default. Exit codes are in `index.cli`.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from index.build import DEFAULT_FACTORY, BuildResult, build
+from index.bundle import read_index_manifest, resolve_index
+from index.factory import parse_spec
+from index.publish import DEFAULT_KEEP, intact
+from index.quality import DEFAULT_FLOOR
+from models.bundle import LATEST, load_bundle, read_manifest, resolve_bundle
+from models.errors import QuiverError
+
+
+def targets(models_root: Path, model: str | None) -> list[Path]:
+    """Model folders (or one version folder) to rebuild: --model as a path, or as a name under the models root."""
+    if model:
+        p = Path(model)
+        return [p if p.exists() else models_root / model]
+    if not models_root.is_dir():
+        raise QuiverError(f"{models_root}: no such models folder")
+    found = sorted(p for p in models_root.iterdir() if p.is_dir() and (p / LATEST).is_file())
+    if not found:
+        raise QuiverError(f"{models_root}: no model bundles (no <name>/{LATEST})")
+    return found
+
+
+def _current(parent: Path) -> tuple[dict[str, Any] | None, bool]:
+    """CURRENT's manifest (if readable) and whether its files verify: a damaged version is never 'up to date'."""
+    try:
+        folder = resolve_index(parent)
+        return read_index_manifest(folder), intact(folder)
+    except QuiverError:
+        return None, False
+
+
+@dataclass
+class RebuildReport:
+    results: list[BuildResult] = field(default_factory=list)  # built, repointed or up to date
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # bundles that are not retrieval models (rankers)
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # (model folder, one-line reason)
+
+
+def _up_to_date(current: dict[str, Any] | None, model_version: str, factory: str, wanted: dict[str, int]) -> bool:
+    return (
+        current is not None
+        and current["model"]["version"] == model_version
+        and current["index"]["factory"] == factory
+        and (not wanted or wanted == current["index"].get("search"))
+    )
+
+
+def rebuild(
+    models_root: str | Path,
+    out_root: str | Path,
+    model: str | None = None,
+    factory: str | None = None,
+    search: dict[str, int] | None = None,
+    floor: float = DEFAULT_FLOOR,
+    allow_low_recall: bool = False,
+    keep: int = DEFAULT_KEEP,
+    redis_url: str | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> RebuildReport:
+    """One model's bad input does not stop the others: it is reported in `failed` and the job goes on."""
+    report = RebuildReport()
+    for target in targets(Path(models_root), model):
+        try:
+            path = resolve_bundle(target)
+            manifest = read_manifest(path)
+            if manifest.get("similarity") is None:  # a ranker (TDM) has no vector space to index
+                if model:
+                    raise QuiverError(f"{path}: a {manifest.get('model_type')} bundle has no item vectors to index")
+                report.skipped.append((path, f"{manifest.get('model_type')} bundle: not a retrieval model"))
+                continue
+            name = str(manifest["name"])
+            parent = Path(out_root) / name
+            current, ok = _current(parent)
+            chosen = parse_spec(factory or (current["index"]["factory"] if current else DEFAULT_FACTORY)).factory
+            wanted = {k: v for k, v in (search or {}).items() if v is not None}
+            if not wanted and current and not factory:
+                requested = current.get("build", {}).get("key", {}).get("search")
+                wanted = requested if isinstance(requested, dict) else {}
+            if ok and current is not None and _up_to_date(current, str(manifest["version"]), chosen, wanted):
+                report.results.append(BuildResult(resolve_index(parent), current["version"], "up_to_date", current))
+                continue
+            bundle = load_bundle(path)
+            report.results.append(
+                build(
+                    bundle.path,
+                    out_root,
+                    chosen,
+                    name=name,
+                    floor=floor,
+                    allow_low_recall=allow_low_recall,
+                    search=wanted,
+                    keep=keep,
+                    redis_url=redis_url,
+                    threads=threads,
+                    progress=progress,
+                    bundle=bundle,
+                )
+            )
+        except QuiverError as err:
+            report.failed.append((target, str(err)))
+    return report

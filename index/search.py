@@ -1,0 +1,141 @@
+"""Top-k search for single- and multi-interest users, with exclusion, used by evaluation and serving (DESIGN §7).
+
+All active interest vectors of a batch go to FAISS in one call; per user the hits of every interest are merged
+(an item found by several interests keeps its best score and the interest that gave it), excluded items are dropped,
+and FAISS's -1 padding never comes out. Exclusion must not shorten the answer, so the search over-fetches k plus the
+number of excluded items that are in the catalog, and doubles the fetch for users still short until the catalog is
+exhausted: exactly k items come back whenever the catalog holds k non-excluded items that the index can reach.
+"""
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from index.bundle import IndexBundle
+from models.errors import QuiverError
+
+
+@dataclass(frozen=True)
+class Hit:
+    item_id: str
+    score: float
+    interest: int  # which of the user's interest vectors found it (0 for single-vector models)
+
+
+def _merge(
+    labels: np.ndarray, scores: np.ndarray, interests: np.ndarray, banned: np.ndarray, k: int, larger: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One user's candidates (flattened over interests) -> up to k distinct labels, best score first.
+
+    labels/scores/interests: (n,); banned: sorted int64 labels to drop."""
+    keep = labels >= 0
+    if banned.size:
+        keep &= ~np.isin(labels, banned, assume_unique=False)
+    labels, scores, interests = labels[keep], scores[keep], interests[keep]
+    order = np.argsort(-scores if larger else scores, kind="stable")
+    labels, scores, interests = labels[order], scores[order], interests[order]
+    _, first = np.unique(labels, return_index=True)  # first occurrence = best score of that label
+    first = np.sort(first)[:k]
+    return labels[first], scores[first], interests[first]
+
+
+class _Knob:
+    """Search parameters that widen an approximate search on retries: HNSW explores at least as many candidates as
+    it is asked for (efSearch >= width), IVF probes 4x more lists per retry, up to all of them (then it is exact)."""
+
+    def __init__(self, index: faiss.Index) -> None:
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+        self.hnsw = inner.hnsw if isinstance(inner, faiss.IndexHNSW) else None
+        self.ivf = faiss.try_extract_index_ivf(index)
+
+    def nprobe(self, attempt: int) -> int:
+        assert self.ivf is not None
+        return int(min(self.ivf.nlist, self.ivf.nprobe * 4**attempt))
+
+    def can_widen(self, attempt: int) -> bool:
+        return self.ivf is not None and self.nprobe(attempt) < self.ivf.nlist
+
+    def params(self, width: int, attempt: int) -> faiss.SearchParameters | None:
+        if self.hnsw is not None:
+            p = faiss.SearchParametersHNSW()
+            p.efSearch = max(int(self.hnsw.efSearch), width)
+            return p
+        if self.ivf is not None and attempt > 0:
+            p = faiss.SearchParametersIVF()
+            p.nprobe = self.nprobe(attempt)
+            return p
+        return None
+
+
+def search_vectors(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    mask: np.ndarray | None,
+    k: int,
+    exclude: Sequence[Iterable[int]] | None = None,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Label-level search. vectors: (B, K, D) float32 (or (B, D) for K = 1); mask: (B, K) bool of active interests
+    (None = all); exclude: per user, labels to leave out. Returns per user (labels, scores, interests), each (<= k,)."""
+    if vectors.ndim == 2:
+        vectors = vectors[:, None, :]
+    b, kk, d = vectors.shape
+    if d != index.d:
+        raise QuiverError(f"query vectors have dimension {d}, the index has {index.d}")
+    if k < 1:
+        raise QuiverError(f"k must be at least 1, got {k}")
+    mask = np.ones((b, kk), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    larger = index.metric_type == faiss.METRIC_INNER_PRODUCT
+    banned = [np.unique(np.fromiter(e, dtype=np.int64)) for e in exclude] if exclude else []
+    banned += [np.zeros(0, dtype=np.int64)] * (b - len(banned))
+    owner, interest = np.nonzero(mask)  # (Q,) user row and interest slot of each active vector
+    queries = np.ascontiguousarray(vectors[owner, interest], dtype=np.float32)  # (Q, D)
+    n = int(index.ntotal)
+    results: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [
+        (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    ] * b
+    pending = np.unique(owner)  # users still short of k (a user with no active interest gets nothing)
+    fetch = {int(u): min(n, k + int(banned[u].size)) for u in range(b)}
+    knob = _Knob(index)
+    attempt = 0
+    while pending.size and n > 0:
+        rows = np.nonzero(np.isin(owner, pending))[0]  # active vectors of the pending users
+        width = max(fetch[int(u)] for u in pending)
+        scores, labels = index.search(queries[rows], width, params=knob.params(width, attempt))  # (q, width)
+        short = []
+        for u in pending.tolist():
+            sel = owner[rows] == u
+            got = _merge(
+                labels[sel].ravel(),
+                scores[sel].ravel(),
+                np.repeat(interest[rows][sel], width),
+                banned[u],
+                k,
+                larger,
+            )
+            results[u] = got
+            if got[0].size < k and (width < n or knob.can_widen(attempt)):
+                short.append(u)
+                fetch[u] = min(n, 2 * width)
+        pending = np.asarray(short, dtype=np.int64)
+        attempt += 1
+    return results
+
+
+def search(
+    bundle: IndexBundle,
+    vectors: np.ndarray,
+    k: int,
+    mask: np.ndarray | None = None,
+    exclude: Sequence[Iterable[str]] | None = None,
+) -> list[list[Hit]]:
+    """Item-id-level search over an index bundle: per user, up to k hits (exactly k when the catalog allows), best
+    first. exclude: per user, item ids to leave out (ids not in the catalog are ignored)."""
+    rows = bundle.row_of() if exclude else {}
+    labels = [[rows[i] for i in e if i in rows] for e in exclude] if exclude else None
+    out: list[list[Hit]] = []
+    for found, scores, interests in search_vectors(bundle.index, vectors, mask, k, labels):
+        items = bundle.ids[found]
+        out.append([Hit(str(i), float(s), int(j)) for i, s, j in zip(items, scores, interests, strict=True)])
+    return out

@@ -1,0 +1,219 @@
+"""`quiver-index add --items new_items.parquet`: embed only new or changed items and publish a new index version.
+
+Every label is a row of ids.npy, and rows never move: a changed item keeps its row (its old vector is removed and
+the new one added under the same label), a new item gets the next row. Flat and IVF indexes remove and add in place;
+HNSW cannot remove a vector, so its graph is rebuilt from the vectors it already stores plus the new ones, still
+without running the item tower over the rest of the catalog. The result holds the same (label, vector) pairs a full
+rebuild over the updated catalog would, so an exact (Flat) index returns the same neighbours.
+
+The new version is a hash of the parent version and the delta, so applying the same file twice is a no-op.
+"""
+
+import hashlib
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from index.build import BuildResult, catalog_ids
+from index.bundle import IndexBundle, check_model, ids_array, load_index, write_files
+from index.factory import Builder, IndexSpec, parse_spec, use_all_cores
+from index.publish import DEFAULT_KEEP, commit, point_current, staging
+from index.quality import ExactTopK, check_floor, measure, query_vectors
+from models.bundle import ModelBundle, load_bundle
+from models.errors import QuiverError
+from models.inputs import item_vectors
+
+
+def read_items(path: str | Path) -> pa.Table:
+    p = Path(path)
+    try:
+        table = pq.read_table(p)
+    except (OSError, pa.ArrowException) as err:
+        raise QuiverError(f"{p}: not a readable Parquet item table ({err})".replace("\n", " ")) from None
+    if "item_id" not in table.column_names:
+        raise QuiverError(f"{p}: no item_id column")
+    if table.num_rows == 0:
+        raise QuiverError(f"{p}: no items to add")
+    ids = ids_array(table.column("item_id").to_pylist())
+    if np.unique(ids).size != ids.size:
+        raise QuiverError(f"{p}: item_id has duplicates")
+    return table
+
+
+def _conform(table: pa.Table, catalog: pa.Table, where: Path) -> pa.Table:
+    """The delta in the catalog's column order and types, so the encoder reads it exactly like the catalog."""
+    missing = [c for c in catalog.column_names if c not in table.column_names and c != "popularity"]
+    if missing:
+        raise QuiverError(f"{where}: missing catalog column(s) {', '.join(missing)}")
+    cols = [c for c in catalog.column_names if c in table.column_names]
+    try:
+        return table.select(cols).cast(pa.schema([catalog.schema.field(c) for c in cols]))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise QuiverError(f"{where}: columns do not match the catalog's types ({err})".replace("\n", " ")) from None
+
+
+def stored_vectors(index: faiss.Index, spec: IndexSpec) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels (N,), vectors (N, D)) held by an index that keeps raw vectors, None for PQ (lossy codes)."""
+    if spec.kind in ("flat", "hnsw"):
+        labels = faiss.vector_to_array(index.id_map).astype(np.int64)
+        inner = faiss.downcast_index(index.index)
+        return labels, inner.reconstruct_n(0, inner.ntotal)
+    if spec.kind == "ivf_flat":
+        ivf = faiss.extract_index_ivf(index)
+        invlists = ivf.invlists
+        labels, vectors = [], []
+        for lst in range(ivf.nlist):
+            size = invlists.list_size(lst)
+            if size == 0:
+                continue
+            labels.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
+            codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * invlists.code_size).copy()
+            vectors.append(codes.view(np.float32).reshape(size, ivf.d))
+        if not labels:
+            return np.zeros(0, np.int64), np.zeros((0, ivf.d), np.float32)
+        return np.concatenate(labels).astype(np.int64), np.concatenate(vectors)
+    return None
+
+
+def _unchanged(index: faiss.Index, spec: IndexSpec, labels: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """(n,) bool: which of these labels already hold (to float precision) these (n, D) vectors. PQ codes are lossy,
+    so there every re-sent item counts as changed."""
+    out = np.zeros(len(labels), dtype=bool)
+    if len(labels) == 0:
+        return out
+    if spec.kind in ("flat", "hnsw"):
+        held = np.vstack([index.reconstruct(int(label)) for label in labels])  # (n, D)
+    elif spec.kind == "ivf_flat":
+        stored = stored_vectors(index, spec)
+        assert stored is not None
+        where = {int(label): j for j, label in enumerate(stored[0])}
+        held = stored[1][[where[int(label)] for label in labels]]
+    else:
+        return out
+    return np.all(np.isclose(held, vectors, rtol=1e-6, atol=1e-7), axis=1)
+
+
+def _apply(index: faiss.Index, spec: IndexSpec, metric: int, labels: np.ndarray, vectors: np.ndarray) -> faiss.Index:
+    """Replace (labels already present) or add (new labels) vectors; returns the updated index (HNSW: a new one)."""
+    if spec.kind != "hnsw":
+        index.remove_ids(labels)
+        index.add_with_ids(vectors, labels)
+        return index
+    held = stored_vectors(index, spec)
+    assert held is not None
+    old_labels, old_vectors = held
+    keep = ~np.isin(old_labels, labels)
+    all_labels = np.concatenate([old_labels[keep], labels])
+    all_vectors = np.concatenate([old_vectors[keep], vectors])
+    order = np.argsort(all_labels, kind="stable")  # label order = catalog order, as in a full build
+    builder = Builder(spec, index.d, metric, gpu=False)
+    builder.add(all_labels[order], all_vectors[order])
+    return builder.finish()
+
+
+def add_items(
+    index_path: str | Path,
+    items_path: str | Path,
+    model: str | Path | None = None,
+    models_root: str | Path = "artifacts/models",
+    keep: int = DEFAULT_KEEP,
+    redis_url: str | None = None,
+    allow_low_recall: bool = False,
+    batch: int = 8192,
+    threads: int | None = None,
+    progress: bool = False,
+) -> BuildResult:
+    """Upsert the items of a Parquet table into the CURRENT (or given) version of an index and publish the result.
+
+    The model defaults to the exact bundle the index was built from: models_root/<model name>/<model version>."""
+    parent_bundle = load_index(index_path)
+    model_path = Path(model) if model else Path(models_root) / parent_bundle.model_name / parent_bundle.model_version
+    bundle = load_bundle(model_path)
+    check_model(parent_bundle.manifest, bundle.manifest, parent_bundle.path)
+    delta = _conform(read_items(items_path), bundle.items, Path(items_path))
+    catalog_ids(bundle)  # the model's own catalog must be sane too
+    return upsert(parent_bundle, bundle, delta, keep, redis_url, allow_low_recall, batch, threads, progress)
+
+
+def upsert(
+    parent: IndexBundle,
+    bundle: ModelBundle,
+    delta: pa.Table,
+    keep: int = DEFAULT_KEEP,
+    redis_url: str | None = None,
+    allow_low_recall: bool = False,
+    batch: int = 8192,
+    threads: int | None = None,
+    progress: bool = False,
+) -> BuildResult:
+    started = time.perf_counter()
+    use_all_cores(threads)
+    manifest = parent.manifest
+    spec = parse_spec(manifest["index"]["factory"], parent.dim)
+    metric = parent.index.metric_type
+    delta_ids = ids_array(delta.column("item_id").to_pylist())
+    vectors = np.concatenate([v for _, v in item_vectors(bundle, items=delta, batch=batch, progress=progress)])
+    if vectors.shape[1] != parent.dim:
+        raise QuiverError(f"{bundle.path}: item vectors have dimension {vectors.shape[1]}, the index has {parent.dim}")
+    rows = parent.row_of()
+    known = np.fromiter((i in rows for i in delta_ids.tolist()), dtype=bool, count=len(delta_ids))
+    same = _unchanged(parent.index, spec, np.asarray([rows[i] for i in delta_ids[known].tolist()]), vectors[known])
+    if same.any():  # re-sent items whose vector did not move: nothing to do for them
+        drop = np.flatnonzero(known)[same]
+        keep_rows = np.setdiff1d(np.arange(len(delta_ids)), drop)
+        delta_ids, vectors, known = delta_ids[keep_rows], vectors[keep_rows], known[keep_rows]
+    if len(delta_ids) == 0:
+        return BuildResult(parent.path, parent.version, "up_to_date", manifest)
+    new_ids = delta_ids[~known]
+    labels = np.empty(len(delta_ids), dtype=np.int64)
+    labels[known] = [rows[i] for i in delta_ids[known].tolist()]
+    labels[~known] = np.arange(len(parent.ids), len(parent.ids) + len(new_ids))
+    digest = hashlib.sha256()
+    digest.update(parent.version.encode())
+    digest.update(delta_ids.tobytes())
+    digest.update(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+    version = digest.hexdigest()[:16]
+    folder = parent.path.parent
+    if (folder / version / "manifest.json").is_file():
+        status = "repointed" if point_current(folder, version, keep, redis_url) else "up_to_date"
+        done = load_index(folder / version)
+        return BuildResult(done.path, version, status, done.manifest)
+
+    index = _apply(parent.index, spec, metric, labels, np.ascontiguousarray(vectors, dtype=np.float32))
+    ids = ids_array(np.concatenate([parent.ids, new_ids]))
+    quality_in = dict(manifest.get("quality", {}))
+    held = stored_vectors(index, spec)
+    if held is not None and quality_in.get("k"):
+        queries = query_vectors(bundle, int(quality_in.get("num_queries") or 1000))
+        kk = min(int(quality_in["k"]), len(ids))
+        exact = ExactTopK(queries, kk, metric)
+        for s in range(0, len(held[0]), batch):
+            exact.add(held[0][s : s + batch], held[1][s : s + batch])
+        search = manifest["index"].get("search") or {}
+        quality = measure(index, spec, queries, exact.result(), float(quality_in.get("floor", 0.0)), search)
+        check_floor(quality, float(quality_in.get("floor", 0.0)), allow_low_recall, spec.factory)
+        quality_out = {**quality.to_json(), "floor": quality_in.get("floor"), "measured_on": version}
+    else:  # PQ codes cannot give back exact vectors: keep the parent's measurement, saying so
+        quality_out = quality_in
+    out = {
+        **{k: v for k, v in manifest.items() if k not in ("files", "created_at", "format", "kind")},
+        "version": version,
+        "parent_version": parent.version,
+        "num_items": len(ids),
+        "quality": quality_out,
+        "upsert": {
+            "items": len(delta_ids),
+            "new": len(new_ids),
+            "changed": int(known.sum()),
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    }
+    with staging(folder) as tmp:
+        written = write_files(tmp, index, ids, out)
+        load_index(tmp, model_manifest=bundle.manifest)
+        final = commit(tmp, version, keep, redis_url)
+    return BuildResult(final, version, "built", written)
