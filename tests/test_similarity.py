@@ -183,6 +183,21 @@ def test_masked_mean_ignores_padding_and_empty_rows_give_zeros() -> None:
     assert torch.equal(masked_mean(x, mask), torch.tensor([[2.0, 3.0], [0.0, 0.0]]))
 
 
+def test_pooled_sequence_equals_the_masked_mean_of_its_lookups_with_the_same_gradient() -> None:
+    torch.manual_seed(0)
+    emb = FeatureEmbedding(_groups(), SIZES)
+    f = _groups().hist[0]
+    x = torch.tensor([[3, 5, 5, 0], [0, 0, 0, 0], [1, 8, 2, 7]])  # repeats, an empty row, OOV code 1
+    pooled = emb.pooled(f, x)
+    reference = masked_mean(emb.lookup(f, x), x != 0)
+    assert torch.allclose(pooled, reference, atol=1e-7) and torch.equal(pooled[1], torch.zeros(4))
+    (g1,) = torch.autograd.grad((pooled * torch.arange(4.0)).sum(), emb.table(f).weight)
+    (g2,) = torch.autograd.grad((reference * torch.arange(4.0)).sum(), emb.table(f).weight)
+    assert torch.allclose(g1, g2, atol=1e-7) and g1[0].abs().sum() == 0  # padding row never updated
+    # row 0 averages 3 items, item 5 twice: its gradient is 2/3 of the upstream vector (0, 1, 2, 3)
+    assert torch.allclose(g1[5], torch.arange(4.0) * 2 / 3, atol=1e-6)
+
+
 def _groups() -> FeatureGroups:
     f = FeatureConfig
     return FeatureGroups(
