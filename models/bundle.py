@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from models.errors import QuiverError
 from models.features import FeatureEncoder, FeatureGroups
 from models.match import MatchModel
-from models.registry import ModelConfig, build_model
+from models.registry import BundleModelConfig, build_bundle_model
+from models.tdm import TDM
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -42,7 +43,7 @@ LATEST = "LATEST"
 class ModelBundle:
     path: Path
     manifest: dict[str, Any]
-    model: MatchModel  # eval mode
+    model: MatchModel | TDM  # eval mode; TDM for a `tdm` ranker bundle (models/rank.py)
     encoder: FeatureEncoder
     items: pa.Table
     users: pa.Table
@@ -94,7 +95,7 @@ def write_pointer(path: Path, value: str) -> None:
 def save_bundle(
     root: str | Path,
     name: str,
-    model: MatchModel,
+    model: MatchModel | TDM,
     model_config: dict[str, Any],
     encoder: FeatureEncoder,
     items: pa.Table,
@@ -124,7 +125,7 @@ def save_bundle(
             "features": encoder.groups.model_dump(mode="json"),
             "table_sizes": encoder.table_sizes(),
             "embedding_dim": model_config.get("output_dim"),
-            "similarity": model.similarity,
+            "similarity": model.similarity,  # None for a ranker: it has no vector space
             "num_items": items.num_rows,
             "num_users": users.num_rows,
             "files": checksums,
@@ -194,12 +195,12 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", verify: bo
         verify_files(p, manifest)
     try:
         groups = FeatureGroups.model_validate(manifest["features"])
-        model_cfg = TypeAdapter(ModelConfig).validate_python(manifest["model"])
+        model_cfg = TypeAdapter(BundleModelConfig).validate_python(manifest["model"])
     except (KeyError, ValidationError) as err:
         raise QuiverError(f"{p / MANIFEST}: invalid model or feature section ({err})") from None
     vocab_files = {rel: (p / rel).read_text() for rel in manifest["files"] if rel.startswith("vocab/")}
     encoder = FeatureEncoder.from_files(groups, vocab_files)
-    model = build_model(model_cfg, groups, {k: int(v) for k, v in manifest["table_sizes"].items()})
+    model = build_bundle_model(model_cfg, groups, {k: int(v) for k, v in manifest["table_sizes"].items()})
     state = load_file(str(p / WEIGHTS), device="cpu")
     try:
         model.load_state_dict(state, strict=True)

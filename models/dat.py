@@ -10,23 +10,19 @@ from typing import Literal, Self
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
+from models.dssm import DSSMConfig
 from models.embedding import FeatureEmbedding
-from models.match import MatchModel, Similarity
-from models.mlp import MLP, TowerConfig
+from models.match import MatchModel
+from models.mlp import MLP
 
 
-class DATConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DATConfig(DSSMConfig):
+    """DSSM's towers and similarity, plus the augmented vectors and their losses."""
 
-    type: Literal["dat"]
-    user_tower: TowerConfig = Field(default_factory=TowerConfig)
-    item_tower: TowerConfig = Field(default_factory=TowerConfig)
-    output_dim: int = Field(default=64, ge=1)
-    similarity: Similarity = "cosine"
-    temperature: float = Field(default=1.0, gt=0)
+    type: Literal["dat"]  # type: ignore[assignment]
     # The id features whose codes index the augmented tables (their vocabularies size the tables).
     user_id_feature: str = "user_id"
     item_id_feature: str = "item_id"
@@ -35,7 +31,6 @@ class DATConfig(BaseModel):
     augment_dim: int | None = Field(default=None, ge=1)
     amm_user_weight: float = Field(default=0.5, ge=0)  # w_u
     amm_item_weight: float = Field(default=0.5, ge=0)  # w_i
-    variational_dropout: list[Literal["user", "item", "hist"]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _augment_dim(self) -> Self:

@@ -13,16 +13,30 @@ from models.embedding import FeatureEmbedding
 from models.features import FeatureGroups
 from models.match import MatchModel
 from models.mind import MIND, MINDConfig
+from models.tdm import TDM, TDMConfig
 
 ModelConfig = Annotated[DSSMConfig | DATConfig | MINDConfig, Field(discriminator="type")]
 
 
 def build_model(cfg: ModelConfig, groups: FeatureGroups, table_sizes: dict[str, int]) -> MatchModel:
     embedding = FeatureEmbedding(groups, table_sizes, variational_dropout=cfg.variational_dropout)
+    if isinstance(cfg, DATConfig):  # before DSSM: DATConfig extends DSSMConfig
+        return DAT(cfg, embedding, table_sizes)
     if isinstance(cfg, DSSMConfig):
         return DSSM(cfg, embedding)
-    if isinstance(cfg, DATConfig):
-        return DAT(cfg, embedding, table_sizes)
     if isinstance(cfg, MINDConfig):
         return MIND(cfg, embedding)
     raise ValueError(f"unknown model type {cfg.type!r}")
+
+
+# Every model a bundle may hold: the two-tower models above plus rankers. Training's `Config.model` stays ModelConfig,
+# so a two-tower config never accepts `type: tdm` (the TDM trainer has its own config, training/tdm_config.py).
+BundleModelConfig = Annotated[ModelConfig | TDMConfig, Field(discriminator="type")]
+
+
+def build_bundle_model(
+    cfg: ModelConfig | TDMConfig, groups: FeatureGroups, table_sizes: dict[str, int]
+) -> MatchModel | TDM:
+    if isinstance(cfg, TDMConfig):
+        return TDM(cfg, FeatureEmbedding(groups, table_sizes))
+    return build_model(cfg, groups, table_sizes)

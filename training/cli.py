@@ -17,9 +17,16 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
-    from training.config import load_config
+    from training.config import load_config, read_yaml
+    from training.tdm_config import is_tdm, parse_tdm_config
     from training.trainer import fit
 
+    data = read_yaml(args.config)
+    if is_tdm(data):  # the reranker has its own config and trainer
+        from training.tdm_trainer import fit_tdm
+
+        print(fit_tdm(parse_tdm_config(data, str(args.config))).bundle)
+        return
     cfg = load_config(args.config)
     result = fit(cfg)
     if result.bundle is not None:
@@ -34,6 +41,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report, out = evaluate_bundle(args.bundle, args.out)
     summary = {"model": report["model"], "popularity": report["popularity"], "report": str(out / "report.json")}
     print(json.dumps(summary))
+
+
+def cmd_eval_rerank(args: argparse.Namespace) -> None:
+    import json
+
+    from training.rerank import evaluate_rerank
+
+    report, out = evaluate_rerank(args.retriever, args.ranker, args.out, args.k, args.users)
+    keys = ("retrieve_k", f"Recall@{report['retrieve_k']}", "relative_gain", "users")
+    summary = {k: report[k] for k in keys} | {"retrieval": report["retrieval"], "reranked": report["reranked"]}
+    print(json.dumps(summary | {"report": str(out / "report.json")}))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,6 +71,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--bundle", required=True)
     e.add_argument("--out", default=None, help="report folder (default artifacts/reports/<name>/<version>)")
     e.set_defaults(func=cmd_eval)
+    r = sub.add_parser("eval-rerank", help="two-tower top-K per test user reranked by TDM: HR/NDCG before and after")
+    r.add_argument("--retriever", required=True, help="two-tower model bundle")
+    r.add_argument("--ranker", required=True, help="tdm model bundle")
+    r.add_argument("--k", type=int, default=None, help="candidates per user (default: the ranker's eval.retrieve_k)")
+    r.add_argument("--users", type=int, default=None, help="evaluate a seeded sample of this many test users")
+    r.add_argument("--out", default=None, help="report folder (default artifacts/reports/rerank/<name>/<version>)")
+    r.set_defaults(func=cmd_eval_rerank)
     return p
 
 

@@ -135,7 +135,8 @@ def parse_config(data: object, source: str) -> Config:
         raise QuiverError(format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path) -> Config:
+def read_yaml(path: str | Path) -> dict:
+    """A config file's top-level mapping; a missing file or bad YAML is one line naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise QuiverError(f"{path}: config file not found")
@@ -147,4 +148,8 @@ def load_config(path: str | Path) -> Config:
         raise QuiverError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(data, dict):
         raise QuiverError(f"{path}: expected a mapping of config sections at the top level")
-    return parse_config(data, str(path))
+    return data
+
+
+def load_config(path: str | Path) -> Config:
+    return parse_config(read_yaml(path), str(path))
