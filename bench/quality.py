@@ -33,7 +33,7 @@ GOALS = {
 BASELINES = {"mind_beauty": "configs/dssm_beauty.yaml", "dat_ml1m": "configs/dssm_ml1m.yaml"}
 
 
-def train_and_evaluate(config: str, out: Path | None, max_minutes: float | None) -> dict:
+def train_and_evaluate(config: str, out: Path | None, max_minutes: float | None, epochs: int | None = None) -> dict:
     cfg = load_config(config)
     root = data_root(cfg.data)
     if not root.exists():
@@ -41,6 +41,8 @@ def train_and_evaluate(config: str, out: Path | None, max_minutes: float | None)
     cfg.train.progress = False
     if max_minutes is not None:
         cfg.train.max_minutes = max_minutes
+    if epochs is not None:  # a shorter schedule (the one-cycle LR anneals over it), the same for model and baseline
+        cfg.train.epochs = epochs
     started = time.monotonic()
     result = fit(cfg)
     train_s = time.monotonic() - started
@@ -61,14 +63,15 @@ def main() -> int:
     p.add_argument("--baseline", default=None, help="config of a baseline trained in the same run (default by name)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--max-minutes", type=float, default=None, help="training budget per model (overrides configs)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per model (overrides configs)")
     args = p.parse_args()
     try:
-        main_run = train_and_evaluate(args.config, Path(args.out) if args.out else None, args.max_minutes)
+        main_run = train_and_evaluate(args.config, Path(args.out) if args.out else None, args.max_minutes, args.epochs)
         cfg, report, train_s, out = main_run["cfg"], main_run["report"], main_run["train_s"], main_run["out"]
         baseline_config = None if args.no_baseline else args.baseline or BASELINES.get(cfg.output.name)
         base_run = None
         if baseline_config is not None:
-            base_run = train_and_evaluate(baseline_config, out / "baseline", args.max_minutes)
+            base_run = train_and_evaluate(baseline_config, out / "baseline", args.max_minutes, args.epochs)
     except (QuiverError, FileNotFoundError) as err:
         print(f"quality bench: {err}", file=sys.stderr)
         return 2
@@ -80,6 +83,7 @@ def main() -> int:
         "protocol": report["protocol"],
         "model_type": report["model_type"],
         "train_seconds": round(train_s, 1),
+        "epochs": cfg.train.epochs,
         "best_epoch": main_run["best_epoch"],
         "model": rounded(model),
         "popularity": rounded(pop),

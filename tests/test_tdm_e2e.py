@@ -256,3 +256,9 @@ def test_config_errors_are_one_line_with_dotted_paths(
     assert "tdm" in str(err.value)
     with pytest.raises(QuiverError, match="model"):
         parse_tdm_config(good | {"model": {"type": "dssm"}}, "tdm")
+
+
+def test_plain_eval_of_a_ranker_bundle_points_to_eval_rerank(trained: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--bundle", str(trained["result"].bundle)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "eval-rerank" in err

@@ -114,6 +114,11 @@ def recall_curve(metrics: dict[str, float], ks: list[int]) -> dict[int, float]:
 def evaluate_bundle(bundle_path: str | Path, out_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
     """Re-read the bundle's data with its saved config and encodings, score the test split, write the report."""
     bundle = load_bundle(bundle_path)
+    if bundle.manifest.get("model_type") == "tdm":
+        raise QuiverError(
+            f"{bundle.path}: a tdm ranker bundle scores given candidates; evaluate it with "
+            "`quiver-train eval-rerank --retriever BUNDLE --ranker BUNDLE`"
+        )
     cfg = parse_config(bundle.manifest["config"], f"{bundle.path}/manifest.json")
     torch.set_num_threads(cfg.train.num_threads)
     raw = load_data(cfg.data)
