@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from models.bundle import ModelBundle, load_bundle, save_bundle
+from models.bundle import ModelBundle, load_bundle
 from models.embedding import FeatureEmbedding
 from models.errors import QuiverError
 from models.features import OOV, RESERVED, FeatureEncoder, Vocab
@@ -28,7 +27,7 @@ from training.examples import EncodedData, encode
 from training.ranking import Csr, full_ranking_metrics
 from training.tdm_config import TDMTrainingConfig
 from training.tdm_data import Examples, NegativeMixer, training_pool, validation_examples
-from training.trainer import data_fingerprint, pick_device, seed_everything, set_column
+from training.trainer import pick_device, seed_everything, write_bundle
 
 
 @dataclass
@@ -201,30 +200,8 @@ class TDMTrainer:
         return TDMFitResult(self.save(metrics), metrics)
 
     def save(self, metrics: dict[str, Any]) -> Path:
-        enc, cfg = self.enc, self.cfg
-        users = set_column(enc.users, "history", pa.array(enc.recent_items(), pa.list_(pa.string())))
-        items = set_column(enc.items, "popularity", pa.array(enc.popularity.astype(np.int64)))
-        self.model.cpu()
-        try:
-            return save_bundle(
-                cfg.output.root,
-                cfg.output.name,
-                self.model,
-                cfg.model.model_dump(mode="json"),
-                self.encoder,
-                items,
-                users,
-                extra={
-                    "config": self.config_dict,
-                    "data_fingerprint": data_fingerprint(self.raw),
-                    "max_seq_len": cfg.data.max_seq_len,
-                    "retriever_version": self.retriever_version,
-                    "initialised_from_retriever": self.initialised,
-                    "metrics": metrics,
-                },
-            )
-        finally:
-            self.model.to(self.device)
+        extra = {"retriever_version": self.retriever_version, "initialised_from_retriever": self.initialised}
+        return write_bundle(self, extra | {"metrics": metrics})
 
 
 def _head(c: Csr, n: int) -> Csr:

@@ -230,31 +230,36 @@ class Trainer:
         return bool(stop.item())
 
     def save(self, metrics: dict[str, Any]) -> Path:
-        enc = self.enc
-        recent = enc.recent_items()
-        # The bundle's own columns win over same-named columns of the input tables.
-        users = set_column(enc.users, "history", pa.array(recent, pa.list_(pa.string())))
-        items = set_column(enc.items, "popularity", pa.array(enc.popularity.astype(np.int64)))
-        cfg = self.cfg
-        self.model.cpu()
-        try:
-            return save_bundle(
-                cfg.output.root,
-                cfg.output.name,
-                self.model,
-                cfg.model.model_dump(mode="json"),
-                self.encoder,
-                items,
-                users,
-                extra={
-                    "config": self.config_dict,
-                    "data_fingerprint": data_fingerprint(self.raw),
-                    "max_seq_len": cfg.data.max_seq_len,
-                    "metrics": metrics,
-                },
-            )
-        finally:
-            self.model.to(self.device)
+        return write_bundle(self, {"metrics": metrics})
+
+
+def write_bundle(trainer: Any, extra: dict[str, Any]) -> Path:
+    """Save a trainer's model (best state already loaded) as a bundle with its serving tables: users with their
+    recent history, items with their training popularity. Shared by the two-tower and TDM trainers; `trainer` has
+    cfg, config_dict, model, encoder, enc, raw and device."""
+    enc, cfg = trainer.enc, trainer.cfg
+    # The bundle's own columns win over same-named columns of the input tables.
+    users = set_column(enc.users, "history", pa.array(enc.recent_items(), pa.list_(pa.string())))
+    items = set_column(enc.items, "popularity", pa.array(enc.popularity.astype(np.int64)))
+    trainer.model.cpu()
+    try:
+        return save_bundle(
+            cfg.output.root,
+            cfg.output.name,
+            trainer.model,
+            cfg.model.model_dump(mode="json"),
+            trainer.encoder,
+            items,
+            users,
+            extra={
+                "config": trainer.config_dict,
+                "data_fingerprint": data_fingerprint(trainer.raw),
+                "max_seq_len": cfg.data.max_seq_len,
+                **extra,
+            },
+        )
+    finally:
+        trainer.model.to(trainer.device)
 
 
 def fit(cfg: Config) -> FitResult:
