@@ -235,3 +235,26 @@ def test_a_save_that_fails_on_the_pointer_leaves_no_temporary_file(tmp_path: Pat
     for version in [p for p in parent.iterdir() if p.is_dir() and p.name != LATEST and not p.name.startswith(".")]:
         verify_files(version, json.loads((version / MANIFEST).read_text()))  # published only when complete
     assert _leftovers(parent) == []
+
+
+def test_serving_inputs_from_the_bundle_alone_match_training(saved: tuple[Path, MatchModel, EncodedData]) -> None:
+    """models/inputs.py (what index/ and service/ use) rebuilds the towers' inputs from the bundle's own tables: the
+    same vectors as training's arrays, with no training/ code."""
+    from models.inputs import item_vectors, user_vectors
+
+    path, model, enc = saved
+    bundle = load_bundle(path)
+    dev = torch.device("cpu")
+    with torch.no_grad():
+        u_train = model.user_embedding(enc.user_batch(np.arange(3), enc.recent, dev))
+        v_train = model.item_embedding(enc.item_batch(np.arange(6), dev))
+    vecs, mask = user_vectors(bundle, bundle.users, bundle.users["history"].to_pylist())
+    assert vecs.shape == (3, 1, 4) and mask.all()
+    assert torch.allclose(vecs[:, 0], u_train, atol=1e-6)
+    batches = list(item_vectors(bundle, batch=4))
+    assert [r for r, _ in batches] == [slice(0, 4), slice(4, 6)]  # bounded batches over the catalog
+    assert np.allclose(np.concatenate([v for _, v in batches]), v_train.numpy(), atol=1e-6)
+    # An unknown history item is out-of-vocabulary, not an error and not padding.
+    with_unknown, _ = user_vectors(bundle, bundle.users.slice(0, 1), [["i1", "never-seen"]])
+    only_known, _ = user_vectors(bundle, bundle.users.slice(0, 1), [["i1"]])
+    assert not torch.allclose(with_unknown, only_known)
