@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 
 from index.bundle import (
     check_model,
@@ -85,17 +86,20 @@ def build_key(
     }
 
 
-def catalog_ids(bundle: ModelBundle) -> np.ndarray:
-    items = bundle.items
-    where = bundle.path / "items.parquet"
+def checked_ids(items: pa.Table, where: Path, empty: str) -> np.ndarray:
+    """The table's item ids, refused when the column is missing, the table is empty or an id repeats."""
     if "item_id" not in items.column_names:
         raise QuiverError(f"{where}: no item_id column")
     if items.num_rows == 0:
-        raise QuiverError(f"{where}: the catalog is empty, nothing to index")
+        raise QuiverError(f"{where}: {empty}")
     ids = ids_array(items.column("item_id").to_pylist())
     if np.unique(ids).size != ids.size:
-        raise QuiverError(f"{where}: item_id has duplicates; each catalog row must be a distinct item")
+        raise QuiverError(f"{where}: item_id has duplicates; each row must be a distinct item")
     return ids
+
+
+def catalog_ids(bundle: ModelBundle) -> np.ndarray:
+    return checked_ids(bundle.items, bundle.path / "items.parquet", "the catalog is empty, nothing to index")
 
 
 def training_sample(bundle: ModelBundle, spec: IndexSpec, batch: int, seed: int) -> np.ndarray | None:

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 from index.factory import metric_for, metric_name, set_search_params
-from models.bundle import resolve_version, sha256_file
+from models.bundle import load_manifest_json, resolve_version, sha256_file, verify_files
 from models.errors import QuiverError
 
 FORMAT = 1
@@ -101,10 +101,7 @@ def resolve_index(path: str | Path) -> Path:
 
 
 def read_index_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise QuiverError(f"{path / MANIFEST}: unreadable manifest ({err})".replace("\n", " ")) from None
+    manifest = load_manifest_json(path)
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND or manifest.get("format") != FORMAT:
         raise QuiverError(f"{path / MANIFEST}: not a format-{FORMAT} index bundle manifest")
     for key in ("version", "name", "model", "index", "metric", "dim", "num_items", "files"):
@@ -114,15 +111,7 @@ def read_index_manifest(path: Path) -> dict[str, Any]:
 
 
 def verify_index_files(path: Path, manifest: dict[str, Any]) -> None:
-    files = manifest["files"]
-    for rel in (INDEX_FILE, IDS_FILE):
-        if rel not in files:
-            raise QuiverError(f"{path / MANIFEST}: no checksum for {rel}")
-        f = path / rel
-        if not f.is_file():
-            raise QuiverError(f"{f}: missing from the index bundle")
-        if sha256_file(f) != files[rel]:
-            raise QuiverError(f"{f}: checksum mismatch (corrupted or modified index bundle)")
+    verify_files(path, manifest, "index bundle", required=(INDEX_FILE, IDS_FILE))
 
 
 def check_model(manifest: dict[str, Any], model_manifest: dict[str, Any], where: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from index.build import BuildResult, catalog_ids
+from index.build import BuildResult, catalog_ids, checked_ids
 from index.bundle import IndexBundle, check_model, ids_array, load_index, write_files
 from index.factory import Builder, IndexSpec, parse_spec, use_all_cores
 from index.publish import DEFAULT_KEEP, commit, point_current, staging
@@ -34,13 +34,7 @@ def read_items(path: str | Path) -> pa.Table:
         table = pq.read_table(p)
     except (OSError, pa.ArrowException) as err:
         raise QuiverError(f"{p}: not a readable Parquet item table ({err})".replace("\n", " ")) from None
-    if "item_id" not in table.column_names:
-        raise QuiverError(f"{p}: no item_id column")
-    if table.num_rows == 0:
-        raise QuiverError(f"{p}: no items to add")
-    ids = ids_array(table.column("item_id").to_pylist())
-    if np.unique(ids).size != ids.size:
-        raise QuiverError(f"{p}: item_id has duplicates")
+    checked_ids(table, p, "no items to add")
     return table
 
 

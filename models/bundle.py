@@ -168,23 +168,33 @@ def resolve_bundle(path: str | Path) -> Path:
     return resolve_version(path, LATEST, "a model bundle")
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def load_manifest_json(path: Path) -> Any:
+    """The parsed manifest.json of a bundle folder (model or index); unreadable JSON is one line naming the file."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        return json.loads((path / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise QuiverError(f"{path / MANIFEST}: unreadable manifest ({err})") from None
+        raise QuiverError(f"{path / MANIFEST}: unreadable manifest ({err})".replace("\n", " ")) from None
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    manifest = load_manifest_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise QuiverError(f"{path / MANIFEST}: not a format-{FORMAT} model bundle manifest")
     return manifest
 
 
-def verify_files(path: Path, manifest: dict[str, Any]) -> None:
-    for rel, digest in manifest.get("files", {}).items():
+def verify_files(path: Path, manifest: dict[str, Any], what: str = "bundle", required: tuple[str, ...] = ()) -> None:
+    """Every file the manifest lists exists with its checksum; `required` files must be listed at all."""
+    files = manifest.get("files", {})
+    for rel in required:
+        if rel not in files:
+            raise QuiverError(f"{path / MANIFEST}: no checksum for {rel}")
+    for rel, digest in files.items():
         f = path / rel
         if not f.is_file():
-            raise QuiverError(f"{f}: missing from the bundle")
+            raise QuiverError(f"{f}: missing from the {what}")
         if sha256_file(f) != digest:
-            raise QuiverError(f"{f}: checksum mismatch (corrupted or modified bundle)")
+            raise QuiverError(f"{f}: checksum mismatch (corrupted or modified {what})")
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> ModelBundle:
