@@ -69,7 +69,8 @@ class DAT(MatchModel):
     def aux_loss(
         self,
         user_batch: dict[str, torch.Tensor],
-        pos_items: dict[str, torch.Tensor],
+        item_batch: dict[str, torch.Tensor],
+        pos_rows: torch.Tensor,
         u: torch.Tensor,
         v_pos: torch.Tensor,
     ) -> torch.Tensor:
@@ -77,8 +78,8 @@ class DAT(MatchModel):
             L_u = w_u * sum (normalize(a_u) - stopgrad(v))^2,   L_i = w_i * sum (normalize(a_v) - stopgrad(u))^2
         The targets are detached, so only the augmented embeddings receive this gradient."""
         a_u = self.user_aug(user_batch[self.cfg.user_id_feature])  # (B, D)
-        a_v = self.item_aug(pos_items[self.cfg.item_id_feature])  # (B, D)
+        a_v = self.item_aug(item_batch[self.cfg.item_id_feature][pos_rows])  # (B, D)
         loss_u = ((F.normalize(a_u, dim=-1) - v_pos.detach()) ** 2).sum()
         loss_i = ((F.normalize(a_v, dim=-1) - u.detach()) ** 2).sum()
         amm = self.cfg.amm_user_weight * loss_u + self.cfg.amm_item_weight * loss_i
-        return amm + super().aux_loss(user_batch, pos_items, u, v_pos)
+        return amm + super().aux_loss(user_batch, item_batch, pos_rows, u, v_pos)

@@ -51,8 +51,8 @@ class FeatureEmbedding(nn.Module):
         return self.table(f)(x)
 
     def pooled(self, f: FeatureConfig, x: torch.Tensor) -> torch.Tensor:
-        """Mean over the non-padding positions, (B, T) -> (B, E); zeros for an empty row. Equal to
-        masked_mean(lookup(f, x), x != 0), but embedding_bag never materialises the (B, T, E) tensor and its
+        """Mean over the non-padding positions, (B, T) -> (B, E); zeros for an empty row. Equal to the masked mean
+        of lookup(f, x) over x != 0, but embedding_bag never materialises the (B, T, E) tensor and its
         backward accumulates per bag: 2.4x faster forward + backward for a 50-item history (B 1024, E 64, CPU)."""
         return F.embedding_bag(x, self.table(f).weight, mode="mean", padding_idx=0)
 
@@ -75,9 +75,3 @@ class FeatureEmbedding(nn.Module):
     def dropout_penalty(self, batch_size: int) -> torch.Tensor:
         terms = [vd.penalty(batch_size) for vd in self.dropout.values()]
         return torch.stack(terms).sum() if terms else torch.zeros(())
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, E), (B, T) -> (B, E); rows with no valid position give zeros, not NaN."""
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)

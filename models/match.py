@@ -59,12 +59,14 @@ class MatchModel(nn.Module):
     def aux_loss(
         self,
         user_batch: dict[str, torch.Tensor],
-        pos_items: dict[str, torch.Tensor],
+        item_batch: dict[str, torch.Tensor],
+        pos_rows: torch.Tensor,
         u: torch.Tensor,
         v_pos: torch.Tensor,
     ) -> torch.Tensor:
         """Loss terms beside the softmax: the variational-dropout penalty here (0 when off), plus DAT's
-        adaptive-mimic losses in DAT. pos_items: the item features of the B positives; u, v_pos: (B, D)."""
+        adaptive-mimic losses in DAT. pos_rows (B,): the rows of item_batch holding the positives (a model gathers
+        only the features it needs); u, v_pos: (B, D)."""
         return self.embedding.dropout_penalty(u.shape[0]).to(u)
 
     def forward(
@@ -92,5 +94,4 @@ class MatchModel(nn.Module):
             # Empty hard cells hold finfo.min; dividing by tau < 1 would overflow them to -inf: keep them finite.
             logits = logits.clamp_min(torch.finfo(logits.dtype).min)
         pos_rows = item_index[:b] if item_index is not None else torch.arange(b, device=u.device)  # (B,)
-        pos_items = {k: x[pos_rows] for k, x in item_batch.items()}
-        return MatchOutput(logits, self.aux_loss(user_batch, pos_items, u, v[:b]))
+        return MatchOutput(logits, self.aux_loss(user_batch, item_batch, pos_rows, u, v[:b]))

@@ -86,9 +86,6 @@ class MIND(MatchModel):
     def user_tower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError("MIND serves several vectors per user: call interests()")
 
-    def user_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError("MIND serves several vectors per user: call interests()")
-
     def train_user_vector(self, batch: dict[str, torch.Tensor], v_pos: torch.Tensor) -> torch.Tensor:
         """Label-aware attention: a = softmax_k(simi_pow * <interest_k, v_pos>) over the active interests,
         user = sum_k a_k interest_k; (B, D)."""

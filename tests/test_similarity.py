@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from models.dssm import DSSM, DSSMConfig
-from models.embedding import FeatureEmbedding, masked_mean
+from models.embedding import FeatureEmbedding
 from models.features import FeatureConfig, FeatureGroups
 from models.mlp import MLP, TowerConfig
 from models.registry import build_model
@@ -174,6 +174,13 @@ def test_recall_at_k_in_batch_identity_target() -> None:
 
 
 # ---------------------------------------------------------------- embedding
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The reference for FeatureEmbedding.pooled: (B, T, E), (B, T) -> (B, E); rows with no valid position give
+    zeros, not NaN."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def test_masked_mean_ignores_padding_and_empty_rows_give_zeros() -> None:

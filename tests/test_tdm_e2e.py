@@ -32,12 +32,8 @@ def tdm_config(data_dir: Path, out_root: Path, retriever: Path | None, **train: 
         "data": base["data"],
         "features": {
             "user": [{"name": "region", "kind": "id", "embedding_dim": 4}],
-            "item": [
-                {"name": "item_id", "kind": "id", "embedding_dim": 16},
-                {"name": "category", "kind": "id", "embedding_dim": 8},
-                {"name": "price", "kind": "dense"},
-            ],
-            "hist": [{"name": "hist_item_id", "kind": "sequence", "shared_with": "item_id", "embedding_dim": 16}],
+            "item": base["features"]["item"],  # item_id 16, category 8, price
+            "hist": base["features"]["hist"],
         },
         "model": {
             "type": "tdm",

@@ -4,7 +4,7 @@ A wrong key or type is reported with its dotted path (`train.lr: Input should be
 """
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -14,6 +14,8 @@ from models.features import FeatureGroups
 from models.mind import MINDConfig
 from models.registry import ModelConfig
 from training.data.config import DataConfig
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 MODEL_TYPES = ("dssm", "dat", "mind", "tdm")  # tdm: the reranker, its own config (training/tdm_config.py)
 
@@ -128,11 +130,16 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: invalid config: " + "; ".join(parts)
 
 
-def parse_config(data: object, source: str) -> Config:
+def validated(cls: type[ConfigT], data: object, source: str) -> ConfigT:
+    """Validate a config mapping against a config class; every problem on one line (QuiverError)."""
     try:
-        return Config.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as err:
         raise QuiverError(format_validation_error(err, source)) from None
+
+
+def parse_config(data: object, source: str) -> Config:
+    return validated(Config, data, source)
 
 
 def read_yaml(path: str | Path) -> dict:

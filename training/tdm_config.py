@@ -7,12 +7,11 @@ are the two-tower ones. A wrong key is one line with its dotted path, as for eve
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.errors import QuiverError
 from models.features import FeatureGroups
 from models.tdm import TDMConfig
-from training.config import OutputConfig, format_validation_error, read_yaml
+from training.config import OutputConfig, read_yaml, validated
 from training.data.config import DataConfig
 
 
@@ -99,10 +98,7 @@ def is_tdm(data: dict) -> bool:
 
 
 def parse_tdm_config(data: object, source: str) -> TDMTrainingConfig:
-    try:
-        return TDMTrainingConfig.model_validate(data)
-    except ValidationError as err:
-        raise QuiverError(format_validation_error(err, source)) from None
+    return validated(TDMTrainingConfig, data, source)
 
 
 def load_tdm_config(path: str | Path) -> TDMTrainingConfig:
