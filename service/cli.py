@@ -1,11 +1,44 @@
-"""`quiver-serve`: declared now so the console script exists; the FastAPI service (issue #6) lands in its own issue."""
+"""`quiver-serve`: uvicorn with the QUIVER_* settings (README, "Service settings").
 
+Flags override the environment for a quick local run; everything else is an environment variable, as in a container.
+"""
+
+import argparse
+import os
 import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("quiver-serve: not available yet: the FastAPI service comes with issue #6", file=sys.stderr)
-    return 2
+    p = argparse.ArgumentParser(prog="quiver-serve", description="Serve /recall and /rank over published bundles")
+    p.add_argument("--host", default=None, help="bind address (QUIVER_HOST)")
+    p.add_argument("--port", type=int, default=None, help="port (QUIVER_PORT)")
+    p.add_argument("--workers", type=int, default=None, help="uvicorn worker processes (QUIVER_WORKERS)")
+    args = p.parse_args(argv)
+    for flag, env in ((args.host, "QUIVER_HOST"), (args.port, "QUIVER_PORT"), (args.workers, "QUIVER_WORKERS")):
+        if flag is not None:
+            os.environ[env] = str(flag)  # the app (and each worker process) reads its settings from the environment
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        for e in err.errors():
+            name = "QUIVER_" + "_".join(str(x) for x in e["loc"]).upper()
+            print(f"quiver-serve: {name}: {e['msg']}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        access_log=False,  # per-request log lines cost more than the request at this scale; /metrics has the counts
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,21 @@
 """Shared fixtures: a small synthetic catalog and a tiny DSSM config over it."""
 
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 import yaml
 
 from training.data.demo import generate_demo
+
+if TYPE_CHECKING:
+    from tests.serving import Tree
 
 torch.set_num_threads(1)
 
@@ -52,6 +60,35 @@ def tiny_config(data_dir: Path, out_root: Path, **train: object) -> dict:
     }
 
 
+def tdm_config(data_dir: Path, out_root: Path, retriever: Path | None, **train: object) -> dict:
+    """A small TDM over the demo catalog; history items carry the same item features as the candidate."""
+    base = tiny_config(data_dir, out_root)
+    return {
+        "data": base["data"],
+        "features": {
+            "user": [{"name": "region", "kind": "id", "embedding_dim": 4}],
+            "item": base["features"]["item"],  # item_id 16, category 8, price
+            "hist": base["features"]["hist"],
+        },
+        "model": {
+            "type": "tdm",
+            "windows_len": [1, 1, 2, 4, 12],
+            "attention": {"hidden_units": [16]},
+            "final": {"hidden_units": [64, 32]},
+        },
+        "negatives": {
+            "per_positive": 4,
+            "retrieved_ratio": 0.5 if retriever else 0.0,
+            "retriever": str(retriever) if retriever else None,
+            "retrieve_k": 50,
+            "valid_per_positive": 10,
+        },
+        "train": {"epochs": 3, "batch_size": 128, "lr": 0.003, "progress": False, **train},
+        "eval": {"retrieve_k": 50, "ks": [10]},
+        "output": {"root": str(out_root), "name": "tiny_tdm"},
+    }
+
+
 @pytest.fixture
 def tiny_config_file(demo_dir: Path, tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
@@ -59,41 +96,70 @@ def tiny_config_file(demo_dir: Path, tmp_path: Path) -> Path:
     return path
 
 
+class RedisProcess:
+    """A private redis-server on a free port (never the machine's own on 6379) that a test may stop and restart
+    on the same port, to make Redis really go away and come back."""
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            pytest.skip("redis-server is not installed (make system-deps)")
+        self.server = server
+        self.workdir = workdir
+        self.extra = extra
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start(self) -> "RedisProcess":
+        args = [self.server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(self.workdir), *self.extra]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self._pong():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private redis-server on a free port (never the one on 6379), terminated at the end of the session."""
-    import shutil
-    import socket
-    import subprocess
-    import time
-
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed (make system-deps)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tmp_path_factory.mktemp("redis")
-    args = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
-    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """One redis-server for the whole session, for tests that do not stop it."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(64).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {port} did not start")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def serving_tree(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> "Tree":
+    """Published bundles for the service tests (tests/serving.py); copy it before changing pointers."""
+    from tests.serving import make_tree
+
+    return make_tree(demo_dir, tmp_path_factory.mktemp("serving") / "artifacts")

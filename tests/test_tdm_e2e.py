@@ -14,7 +14,7 @@ from models.embedding import FeatureEmbedding
 from models.errors import QuiverError
 from models.rank import MAX_CANDIDATES, Ranker, score
 from models.tdm import TDM
-from tests.conftest import tiny_config
+from tests.conftest import tdm_config, tiny_config
 from training.cli import main
 from training.config import parse_config
 from training.tdm_config import parse_tdm_config
@@ -23,35 +23,6 @@ from training.tdm_trainer import TDMTrainer, copy_embeddings, tdm_user_batch
 from training.trainer import fit
 
 torch.set_num_threads(1)
-
-
-def tdm_config(data_dir: Path, out_root: Path, retriever: Path | None, **train: object) -> dict:
-    """A small TDM over the demo catalog; history items carry the same item features as the candidate."""
-    base = tiny_config(data_dir, out_root)
-    return {
-        "data": base["data"],
-        "features": {
-            "user": [{"name": "region", "kind": "id", "embedding_dim": 4}],
-            "item": base["features"]["item"],  # item_id 16, category 8, price
-            "hist": base["features"]["hist"],
-        },
-        "model": {
-            "type": "tdm",
-            "windows_len": [1, 1, 2, 4, 12],
-            "attention": {"hidden_units": [16]},
-            "final": {"hidden_units": [64, 32]},
-        },
-        "negatives": {
-            "per_positive": 4,
-            "retrieved_ratio": 0.5 if retriever else 0.0,
-            "retriever": str(retriever) if retriever else None,
-            "retrieve_k": 50,
-            "valid_per_positive": 10,
-        },
-        "train": {"epochs": 3, "batch_size": 128, "lr": 0.003, "progress": False, **train},
-        "eval": {"retrieve_k": 50, "ks": [10]},
-        "output": {"root": str(out_root), "name": "tiny_tdm"},
-    }
 
 
 @pytest.fixture(scope="module")

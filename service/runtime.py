@@ -1,0 +1,174 @@
+"""What one served version is: a retriever bundle, the index built from it, and optionally a TDM ranker.
+
+The service holds exactly one `Runtime` at a time and swaps it whole (service/reload.py); a request takes the
+reference once and does all its work on that object, so no answer mixes versions. The index's CURRENT pointer
+decides the pair: it names the model version the index was built from, and that version of the model is loaded,
+even if the model's LATEST has moved on (its index is not built yet). The ranker is its bundle's LATEST.
+
+Everything here is synchronous and CPU-bound; the app runs it on its model thread, never on the event loop.
+"""
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from index.bundle import IndexBundle, load_index, read_index_manifest, resolve_index
+from index.search import Hit, search
+from models.bundle import ModelBundle, load_bundle, read_manifest, resolve_bundle
+from models.errors import QuiverError
+from models.inputs import history_codes, history_length, to_batch, user_features
+from models.rank import Ranker, retriever_model
+from service.settings import Settings
+from service.userstate import BundleUsers, UserState
+
+
+@dataclass(frozen=True)
+class Target:
+    """The folders of one (model, index, ranker) triple and their versions."""
+
+    model: Path
+    index: Path
+    ranker: Path | None
+    versions: tuple[str, str, str | None]  # model, index, ranker
+
+
+def find_target(settings: Settings) -> Target:
+    """The newest published triple whose versions pair up, from the pointers on disk (no weights read)."""
+    index_dir = resolve_index(settings.indexes_root / settings.index_name)
+    manifest = read_index_manifest(index_dir)
+    name, version = str(manifest["model"]["name"]), str(manifest["model"]["version"])
+    if name != settings.model:
+        raise QuiverError(f"{index_dir}: built from model {name!r}, but QUIVER_MODEL is {settings.model!r}")
+    model_dir = settings.models_root / name / version
+    if not model_dir.is_dir():
+        raise QuiverError(f"{index_dir}: built from model version {version}, which {model_dir} does not hold")
+    ranker_dir, ranker_version = None, None
+    if settings.ranker:
+        ranker_dir = resolve_bundle(settings.models_root / settings.ranker)
+        ranker_version = str(read_manifest(ranker_dir)["version"])
+    return Target(model_dir, index_dir, ranker_dir, (version, str(manifest["version"]), ranker_version))
+
+
+@dataclass
+class RecallJob:
+    state: UserState
+    fetch: int  # how many items to retrieve (k, or the rerank depth)
+    exclude: list[str]  # item ids to leave out
+
+
+@dataclass
+class BatchTimings:
+    user_tower: float = 0.0
+    search: float = 0.0
+
+
+class Runtime:
+    def __init__(self, model: ModelBundle, index: IndexBundle, ranker: Ranker | None) -> None:
+        self.model = model
+        self.retriever = retriever_model(model).eval()
+        self.index = index
+        self.ranker = ranker
+        self.loaded_at = time.time()
+        user_cols = [f.source for f in model.encoder.groups.user]
+        self.users = BundleUsers(model.users, user_cols)
+        self.ranker_users = BundleUsers(ranker.bundle.users, ranker.user_columns) if ranker else None
+        self.history_len = history_length(model)  # L of the user tower
+        self.state_len = max(self.history_len, ranker.history_len if ranker else 0)  # history any stage reads
+        self.rows = index.row_of()  # item id -> index label
+        self._popular_order, self._popular_score = self._popularity()
+
+    @property
+    def versions(self) -> tuple[str, str, str | None]:
+        return self.model.version, self.index.version, self.ranker.bundle.version if self.ranker else None
+
+    def _popularity(self) -> tuple[np.ndarray, np.ndarray]:
+        """Index labels by training popularity, most popular first (items added after training count 0)."""
+        items = self.model.items
+        pop = dict.fromkeys(self.index.ids.tolist(), 0.0)
+        if "popularity" in items.column_names:
+            for i, p in zip(items["item_id"].to_pylist(), items["popularity"].to_pylist(), strict=True):
+                if str(i) in pop:
+                    pop[str(i)] = float(p or 0)
+        score = np.fromiter(pop.values(), dtype=np.float64, count=len(pop))
+        order = np.argsort(-score, kind="stable")
+        return order, score[order].astype(np.float32)
+
+    def split_known(self, item_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Item ids in the index's catalog, and the rest (reported to the caller, never silently dropped)."""
+        known, unknown = [], []
+        for i in item_ids:
+            (known if i in self.rows else unknown).append(i)
+        return known, unknown
+
+    def popular(self, fetch: int, exclude: Sequence[str]) -> list[Hit]:
+        banned = {self.rows[i] for i in exclude if i in self.rows}
+        out: list[Hit] = []
+        for label, score in zip(self._popular_order.tolist(), self._popular_score.tolist(), strict=True):
+            if label in banned:
+                continue
+            out.append(Hit(str(self.index.ids[label]), score, 0))
+            if len(out) == fetch:
+                break
+        return out
+
+    @torch.inference_mode()
+    def user_vectors(self, states: Sequence[UserState]) -> tuple[np.ndarray, np.ndarray]:
+        """(B, K, D) float32 interest vectors and their (B, K) mask, one tower pass for the whole batch."""
+        enc = self.model.encoder
+        table = self.users.profile_table([s.profile for s in states])
+        feats = user_features(enc, table) | history_codes(enc, [s.history for s in states], self.history_len)
+        vectors, mask = self.retriever.interests(to_batch(feats, slice(None), torch.device("cpu")))
+        return vectors.float().numpy(), mask.numpy()
+
+    def recall(self, jobs: Sequence[RecallJob]) -> tuple[list[list[Hit]], BatchTimings]:
+        """Top-`fetch` hits per job: every personalised job's interests in one tower pass and one index search."""
+        timings = BatchTimings()
+        out: list[list[Hit]] = [[] for _ in jobs]
+        tower = [j for j, job in enumerate(jobs) if not job.state.popularity_only]
+        if tower:
+            t0 = time.perf_counter()
+            vectors, mask = self.user_vectors([jobs[j].state for j in tower])
+            t1 = time.perf_counter()
+            width = max(jobs[j].fetch for j in tower)
+            found = search(self.index, vectors, width, mask, [jobs[j].exclude for j in tower])
+            timings.user_tower, timings.search = t1 - t0, time.perf_counter() - t1
+            for j, hits in zip(tower, found, strict=True):
+                out[j] = hits[: jobs[j].fetch]
+        for j, job in enumerate(jobs):
+            if job.state.popularity_only:
+                out[j] = self.popular(job.fetch, job.exclude)
+        return out, timings
+
+    def rank(
+        self, state: UserState, candidates: Sequence[str], k: int | None
+    ) -> tuple[list[tuple[str, float]], list[str]]:
+        """TDM order of one user's candidates (best first, at most k) and the candidates the ranker does not know."""
+        if self.ranker is None or self.ranker_users is None:
+            raise QuiverError("no ranker loaded (set QUIVER_RANKER)")
+        stored = self.ranker_users.get(state.user_id)
+        profile: dict[str, Any] = {**(stored[0] if stored else {}), **state.profile}
+        return self.ranker.rank(profile, state.history, candidates, k)
+
+    def warm(self) -> None:
+        """One request through every stage, so the first real one pays no lazy initialisation."""
+        first = [str(self.index.ids[self._popular_order[0]])] if self.index.ids.size else []
+        probe = UserState("__warmup__", {"user_id": "__warmup__"}, first, "request", True)
+        hits, _ = self.recall([RecallJob(probe, min(10, max(1, self.index.index.ntotal)), [])])
+        if self.ranker is not None and hits[0]:
+            self.rank(probe, [h.item_id for h in hits[0]], None)
+
+
+def load_runtime(target: Target, device: str = "cpu") -> Runtime:
+    """Load and verify the triple, then warm it; raises QuiverError if any part fails verification or pairing."""
+    model = load_bundle(target.model, device=device)
+    retriever_model(model)
+    index = load_index(target.index, model_manifest=model.manifest)
+    ranker = Ranker(load_bundle(target.ranker, device=device), device=device) if target.ranker else None
+    rt = Runtime(model, index, ranker)
+    rt.warm()
+    return rt

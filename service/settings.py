@@ -1,0 +1,66 @@
+"""Service settings: every knob is a `QUIVER_*` environment variable (the README lists them all).
+
+Read once at start-up; a test or a benchmark builds `Settings(...)` directly and hands it to `create_app`.
+"""
+
+import os
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def available_cores() -> int:
+    """CPUs this process may run on (a container's cpuset, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUIVER_", extra="ignore")
+
+    artifacts: Path = Field(Path("artifacts"), description="root holding models/ and indexes/")
+    model: str = Field("dssm_demo", description="retriever bundle name under artifacts/models")
+    index: str | None = Field(None, description="index name under artifacts/indexes (default: the model's name)")
+    ranker: str | None = Field(None, description="TDM bundle name for rerank and /rank (unset: both answer 503)")
+
+    redis_url: str | None = Field(None, description="user state store; unset: the model bundle's own tables")
+    redis_timeout_ms: float = Field(50.0, gt=0, description="per Redis call; past it the request is served degraded")
+    redis_pool_size: int = Field(64, ge=1)
+
+    admin_token: SecretStr | None = Field(None, description="X-Quiver-Admin-Token for /admin/*; unset: admin is off")
+    reload_poll_s: float = Field(30.0, ge=0, description="check CURRENT/LATEST for new versions; 0 = only on demand")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    log_level: str = "info"
+
+    torch_threads: int = Field(default_factory=available_cores, ge=1, description="torch and FAISS threads")
+    microbatch: bool = Field(True, description="batch concurrent /recall requests into one tower pass and search")
+    batch_max_size: int = Field(64, ge=1, description="requests per micro-batch at most")
+    batch_max_wait_ms: float = Field(1.0, ge=0, description="how long a batch waits to fill once it has a request")
+
+    rerank_candidates: int = Field(200, ge=1, le=1000, description="retrieved candidates TDM reorders on rerank")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+
+    @model_validator(mode="after")
+    def _names(self) -> Self:
+        if not self.model.strip():
+            raise ValueError("QUIVER_MODEL: empty bundle name")
+        return self
+
+    @property
+    def index_name(self) -> str:
+        return self.index or self.model
+
+    @property
+    def models_root(self) -> Path:
+        return self.artifacts / "models"
+
+    @property
+    def indexes_root(self) -> Path:
+        return self.artifacts / "indexes"

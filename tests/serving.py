@@ -1,0 +1,93 @@
+"""Helpers for the service tests: a published artifacts tree and a real uvicorn server in a thread."""
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from index.build import build
+from index.publish import point_current
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import tdm_config, tiny_config
+from training.config import parse_config
+from training.tdm_config import parse_tdm_config
+from training.tdm_trainer import TDMTrainer
+from training.trainer import fit
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Two retriever versions of model `tiny`, an index for each (CURRENT = the second), a ranker `tiny_tdm`."""
+
+    root: Path
+    models: tuple[str, str]  # model versions
+    indexes: tuple[str, str]  # index versions, built from models[0] and models[1]
+    ranker: str
+
+    def copy(self, dest: Path) -> "Tree":
+        shutil.copytree(self.root, dest)
+        return Tree(dest, self.models, self.indexes, self.ranker)
+
+    def point(self, which: int) -> None:
+        """Publish pair `which` (0 or 1) as the index's CURRENT."""
+        point_current(self.root / "indexes" / "tiny", self.indexes[which])
+
+
+def make_tree(demo_dir: Path, root: Path) -> Tree:
+    models, indexes = [], []
+    for seed in (1, 2):
+        cfg = tiny_config(demo_dir, root / "models", epochs=1, seed=seed)
+        bundle = fit(parse_config(cfg, "test")).bundle
+        assert bundle is not None
+        models.append(bundle.name)
+        indexes.append(build(bundle, root / "indexes", factory="Flat").version)
+    TDMTrainer(parse_tdm_config(tdm_config(demo_dir, root / "models", None, epochs=1), "test")).fit()
+    ranker = (root / "models" / "tiny_tdm" / "LATEST").read_text().strip()
+    return Tree(root, (models[0], models[1]), (indexes[0], indexes[1]), ranker)
+
+
+def settings(tree: Tree | Path, **overrides: object) -> Settings:
+    root = tree.root if isinstance(tree, Tree) else tree
+    base: dict[str, object] = {
+        "artifacts": root,
+        "model": "tiny",
+        "ranker": "tiny_tdm",
+        "admin_token": "s3cret",
+        "reload_poll_s": 0,
+        "torch_threads": 1,
+        "batch_max_wait_ms": 1.0,
+    }
+    return Settings(**(base | overrides))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running(cfg: Settings) -> Iterator[str]:
+    """The app under a real uvicorn server on a free port (its own thread and event loop); yields the base URL."""
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(cfg), host="127.0.0.1", port=free_port(), log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

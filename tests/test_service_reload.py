@@ -1,0 +1,152 @@
+"""Hot swap: reloads under load, refusal of damaged bundles, and reloads triggered by the Redis publish channel."""
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from index.bundle import INDEX_FILE
+from index.publish import notify
+from tests.serving import Tree, running, settings
+
+TOKEN = {"X-Quiver-Admin-Token": "s3cret"}
+USER = {"user_id": "u012", "k": 15}
+
+
+def _reload(client: httpx.Client, force: bool = False) -> httpx.Response:
+    return client.post("/admin/reload", params={"force": force}, headers=TOKEN)
+
+
+def _pair(body: dict) -> tuple[str, str]:
+    return body["model_version"], body["index_version"]
+
+
+def test_fifty_reloads_under_load_fail_nothing_and_mix_nothing(serving_tree: Tree, tmp_path: Path) -> None:
+    tree = serving_tree.copy(tmp_path / "artifacts")
+    pairs = [(tree.models[i], tree.indexes[i]) for i in (0, 1)]
+    with running(settings(tree)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        expected: dict[tuple[str, str], list[tuple[str, float]]] = {}
+        for which in (0, 1):
+            tree.point(which)
+            assert _reload(client).json()["status"] == "reloaded"
+            body = client.post("/recall", json=USER).json()
+            assert _pair(body) == pairs[which]
+            assert body["user_state"] == "bundle"
+            expected[pairs[which]] = [(i["item_id"], i["score"]) for i in body["items"]]
+        assert expected[pairs[0]] != expected[pairs[1]]  # two models, two answers: a mix would show
+
+        stop = threading.Event()
+        seen: list[tuple[int, tuple[str, str] | None, list[tuple[str, float]]]] = []
+        lock = threading.Lock()
+
+        def hammer(rerank: bool) -> None:
+            with httpx.Client(base_url=url, timeout=30) as c:
+                while not stop.is_set():
+                    r = c.post("/recall", json={**USER, "rerank": rerank})
+                    body = r.json() if r.status_code == 200 else {}
+                    items = [(i["item_id"], i["score"]) for i in body.get("items", [])]
+                    with lock:
+                        seen.append((r.status_code, _pair(body) if body else None, items if not rerank else []))
+
+        threads = [threading.Thread(target=hammer, args=(n == 0,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        outcomes = []
+        for n in range(50):
+            tree.point(n % 2)
+            outcomes.append(_reload(client).json()["status"])
+        stop.set()
+        for t in threads:
+            t.join()
+    assert outcomes == ["reloaded"] * 50
+    assert len(seen) > 50
+    assert [s for s in seen if s[0] != 200] == []
+    assert {s[1] for s in seen} <= set(pairs)
+    for _, pair, items in seen:
+        assert pair is not None
+        if items:  # batched and single tower passes differ in the last float bits, models differ far more
+            assert [i for i, _ in items] == [i for i, _ in expected[pair]]
+            assert [s for _, s in items] == pytest.approx([s for _, s in expected[pair]], abs=1e-5)
+
+
+def test_a_corrupted_bundle_is_refused_and_the_old_one_stays(serving_tree: Tree, tmp_path: Path) -> None:
+    tree = serving_tree.copy(tmp_path / "artifacts")
+    tree.point(0)
+    with running(settings(tree)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        before = client.post("/recall", json=USER).json()
+        assert _pair(before) == (tree.models[0], tree.indexes[0])
+        damaged = tree.root / "indexes" / "tiny" / tree.indexes[1] / INDEX_FILE
+        good_index = damaged.read_bytes()
+        damaged.write_bytes(good_index[:-64])
+        tree.point(1)
+        r = _reload(client)
+        assert r.status_code == 409
+        body = r.json()
+        assert body["status"] == "refused" and INDEX_FILE in body["reason"]
+        assert (body["model_version"], body["index_version"]) == (tree.models[0], tree.indexes[0])
+        after = client.post("/recall", json=USER).json()
+        assert _pair(after) == _pair(before) and after["items"] == before["items"]
+        assert client.get("/readyz").status_code == 200
+        # the index repaired but the model it pairs with damaged: refused the same way
+        damaged.write_bytes(good_index)
+        weights = tree.root / "models" / "tiny" / tree.models[1] / "weights.safetensors"
+        good_weights = weights.read_bytes()
+        weights.write_bytes(b"\0" * len(good_weights))
+        refused = _reload(client, force=True)
+        assert refused.status_code == 409 and "weights.safetensors" in refused.json()["reason"]
+        assert _pair(client.post("/recall", json=USER).json()) == _pair(before)
+        weights.write_bytes(good_weights)  # repaired: the same versions now load
+        assert _reload(client, force=True).json()["status"] == "reloaded"
+        assert _pair(client.post("/recall", json=USER).json()) == (tree.models[1], tree.indexes[1])
+        assert 'quiver_reloads_total{outcome="refused"}' in client.get("/metrics").text
+
+
+def test_a_publish_on_the_redis_channel_swaps_the_pair(serving_tree: Tree, tmp_path: Path, redis_url: str) -> None:
+    tree = serving_tree.copy(tmp_path / "artifacts")
+    tree.point(0)
+    with running(settings(tree, redis_url=redis_url)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert _pair(client.post("/recall", json=USER).json()) == (tree.models[0], tree.indexes[0])
+        tree.point(1)  # a pointer move alone does not reload (polling is off in these settings) ...
+        time.sleep(0.3)
+        assert _pair(client.post("/recall", json=USER).json()) == (tree.models[0], tree.indexes[0])
+        deadline = time.monotonic() + 15
+        while True:  # ... the announcement does; the listener may still be subscribing, so announce until seen
+            assert notify(redis_url, "tiny", tree.indexes[1], tree.root / "indexes" / "tiny" / tree.indexes[1])
+            time.sleep(0.2)
+            pair = _pair(client.post("/recall", json=USER).json())
+            if pair == (tree.models[1], tree.indexes[1]) or time.monotonic() > deadline:
+                break
+        assert pair == (tree.models[1], tree.indexes[1])
+
+
+def test_polling_picks_up_a_new_current(serving_tree: Tree, tmp_path: Path) -> None:
+    tree = serving_tree.copy(tmp_path / "artifacts")
+    tree.point(0)
+    with running(settings(tree, reload_poll_s=0.2)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert _pair(client.post("/recall", json=USER).json()) == (tree.models[0], tree.indexes[0])
+        tree.point(1)
+        deadline = time.monotonic() + 15
+        while _pair(client.get("/readyz").json()) != (tree.models[1], tree.indexes[1]):
+            assert time.monotonic() < deadline, "the poll never swapped"
+            time.sleep(0.1)
+
+
+def test_an_index_for_another_model_name_is_refused(serving_tree: Tree, tmp_path: Path) -> None:
+    tree = serving_tree.copy(tmp_path / "artifacts")
+    with running(settings(tree, model="other", index="tiny")) as url, httpx.Client(base_url=url) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert "built from model 'tiny'" in ready.json()["reason"]
+
+
+@pytest.mark.parametrize("flag", ["0", "false"])
+def test_microbatching_can_be_turned_off(serving_tree: Tree, flag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUIVER_MICROBATCH", flag)
+    cfg = settings(serving_tree)  # the environment fills what the overrides leave out
+    assert cfg.microbatch is False
+    with running(cfg) as url, httpx.Client(base_url=url) as client:
+        body = client.post("/recall", json=USER).json()
+        assert len(body["items"]) == 15
+        assert "quiver_batch_size_count 0.0" in client.get("/metrics").text
