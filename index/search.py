@@ -69,6 +69,35 @@ class _Knob:
         return None
 
 
+def _take_single(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    users: np.ndarray,
+    banned: list[np.ndarray],
+    k: int,
+    n: int,
+    results: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> list[int]:
+    """One query per user, in one vectorised pass: a single query's hits are already distinct and ordered, so
+    dropping padding and excluded labels and keeping the first k is all the merge there is. labels, scores:
+    (q, width); users: (q,). Fills `results` and returns the users still short of k."""
+    keep = labels >= 0  # (q, width)
+    excluded = [u * (n + 1) + 1 + banned[u] for u in users.tolist() if banned[u].size]
+    if excluded:  # key = user * (n + 1) + label + 1 is unique per (user, label), padding included
+        keys = users[:, None] * (n + 1) + 1 + labels
+        keep &= ~np.isin(keys, np.concatenate(excluded))
+    keep &= np.cumsum(keep, axis=1) <= k
+    short = []
+    zeros = np.zeros(k, dtype=np.int64)
+    for r, u in enumerate(users.tolist()):
+        sel = keep[r]
+        got = labels[r][sel]
+        results[u] = (got, scores[r][sel], zeros[: got.size])
+        if got.size < k:
+            short.append(u)
+    return short
+
+
 def search_vectors(
     index: faiss.Index,
     vectors: np.ndarray,
@@ -99,10 +128,19 @@ def search_vectors(
     fetch = {int(u): min(n, k + int(banned[u].size)) for u in range(b)}
     knob = _Knob(index)
     attempt = 0
+    single = bool(mask.sum(axis=1).max(initial=0) <= 1)  # one vector per user: rows need no merging
     while pending.size and n > 0:
         rows = np.nonzero(np.isin(owner, pending))[0]  # active vectors of the pending users
         width = max(fetch[int(u)] for u in pending)
         scores, labels = index.search(queries[rows], width, params=knob.params(width, attempt))  # (q, width)
+        if single:
+            short = _take_single(labels, scores, owner[rows], banned, k, n, results)
+            short = [u for u in short if width < n or knob.can_widen(attempt)]
+            for u in short:
+                fetch[u] = min(n, 2 * width)
+            pending = np.asarray(short, dtype=np.int64)
+            attempt += 1
+            continue
         short = []
         for u in pending.tolist():
             sel = owner[rows] == u

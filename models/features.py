@@ -9,7 +9,7 @@ vocabulary (unseen, rare below `min_count`, or null), 2.. = known values in desc
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Self
 
 import numpy as np
@@ -21,6 +21,7 @@ from models.errors import QuiverError
 
 PAD, OOV = 0, 1
 RESERVED = 2  # rows 0 and 1 of every id table
+SMALL_LOOKUP = 4096  # up to this many values, an id lookup uses a cached dict instead of Arrow's hash join
 
 FeatureKind = Literal["id", "hash", "multi_id", "dense", "sequence"]
 
@@ -102,6 +103,7 @@ class Vocab:
     """Frequency-ordered vocabulary: tokens[i] has index i + 2."""
 
     tokens: list[str]
+    _index: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(cls, values: pa.Array | pa.ChunkedArray, min_count: int = 1) -> Self:
@@ -115,9 +117,25 @@ class Vocab:
         return len(self.tokens) + RESERVED
 
     def lookup(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-        """(n,) int64; null or unknown values map to OOV."""
+        """(n,) int64; null or unknown values map to OOV.
+
+        A column goes through Arrow's hash join, which hashes the whole vocabulary on every call; a handful of
+        values (one serving request: a profile, a history) goes through a dict built once, since hashing a
+        million-item vocabulary per request would cost more than the request itself."""
+        if len(values) <= SMALL_LOOKUP:
+            codes = self._codes()
+            return np.fromiter(
+                (OOV if v is None else codes.get(v, OOV) for v in values.cast(pa.string()).to_pylist()),
+                dtype=np.int64,
+                count=len(values),
+            )
         pos = pc.index_in(values.cast(pa.string()), value_set=pa.array(self.tokens, pa.string()))
         return pc.fill_null(pc.add(pos, RESERVED), OOV).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def _codes(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {t: i + RESERVED for i, t in enumerate(self.tokens)}
+        return self._index
 
     def to_json(self) -> str:
         return json.dumps({"kind": "vocab", "tokens": self.tokens}, ensure_ascii=False)

@@ -16,11 +16,10 @@ from typing import Any
 from fastapi import HTTPException
 from redis.exceptions import RedisError
 
-from index.search import Hit
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
 from service.reload import RuntimeHolder
-from service.runtime import RecallJob, Runtime
+from service.runtime import Found, RecallJob, Runtime
 from service.schemas import EventsRequest, RankRequest, RecallRequest, UserInput
 from service.settings import Settings
 from service.userstate import RedisStore, UserState, resolve
@@ -40,7 +39,7 @@ class Services:
     holder: RuntimeHolder
     executor: ThreadPoolExecutor
     store: RedisStore | None
-    batcher: MicroBatcher[Runtime, RecallJob, list[Hit]] | None
+    batcher: MicroBatcher[Runtime, RecallJob, Found] | None
 
     def runtime(self) -> Runtime:
         rt = self.holder.current
@@ -49,7 +48,7 @@ class Services:
             raise HTTPException(503, detail=f"no model loaded: {reason}")
         return rt
 
-    def run_recall(self, rt: Runtime, jobs: Sequence[RecallJob]) -> list[list[Hit]]:
+    def run_recall(self, rt: Runtime, jobs: Sequence[RecallJob]) -> list[Found]:
         """Model-thread entry of a (micro-)batch."""
         hits, timings = rt.recall(jobs)
         self.metrics.stage_duration.labels("user_tower").observe(timings.user_tower)
@@ -102,19 +101,19 @@ class Services:
         fetch = max(req.k, self.settings.rerank_candidates) if req.rerank else req.k
         job = RecallJob(state, fetch, exclude)
         if self.batcher is not None:
-            hits = await self.batcher.submit(rt, job)
+            found = await self.batcher.submit(rt, job)
         else:
-            hits = (await self._on_model_thread(self.run_recall, rt, [job]))[0]
+            found = (await self._on_model_thread(self.run_recall, rt, [job]))[0]
         body = self._answer(rt, state, unknown)
         if not req.rerank:
-            body["items"] = [{"item_id": h.item_id, "score": h.score, "interest": h.interest} for h in hits]
+            body["items"] = [{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*found, strict=True)]
             return body
-        retrieved = {h.item_id: h for h in hits}
+        retrieved = {i: (s, t) for i, s, t in zip(*found, strict=True)}
         t0 = time.perf_counter()
-        ranked, unscorable = await self._on_model_thread(rt.rank, state, list(retrieved), req.k)
+        ranked, unscorable = await self._on_model_thread(rt.rank, state, found.item_ids, req.k)
         self.metrics.stage_duration.labels("rerank").observe(time.perf_counter() - t0)
         body["items"] = [
-            {"item_id": i, "score": s, "interest": retrieved[i].interest, "retrieval_score": retrieved[i].score}
+            {"item_id": i, "score": s, "interest": retrieved[i][1], "retrieval_score": retrieved[i][0]}
             for i, s in ranked
         ]
         if unscorable:

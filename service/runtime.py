@@ -12,13 +12,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from index.bundle import IndexBundle, load_index, read_index_manifest, resolve_index
-from index.search import Hit, search
+from index.search import search_vectors
 from models.bundle import ModelBundle, load_bundle, read_manifest, resolve_bundle
 from models.errors import QuiverError
 from models.inputs import history_codes, history_length, to_batch, user_features
@@ -59,6 +59,14 @@ class RecallJob:
     state: UserState
     fetch: int  # how many items to retrieve (k, or the rerank depth)
     exclude: list[str]  # item ids to leave out
+
+
+class Found(NamedTuple):
+    """One job's retrieved items, best first, as plain lists (they go straight into the JSON answer)."""
+
+    item_ids: list[str]
+    scores: list[float]
+    interests: list[int]  # which interest vector found each item (0 for single-vector models)
 
 
 @dataclass
@@ -105,16 +113,15 @@ class Runtime:
             (known if i in self.rows else unknown).append(i)
         return known, unknown
 
-    def popular(self, fetch: int, exclude: Sequence[str]) -> list[Hit]:
-        banned = {self.rows[i] for i in exclude if i in self.rows}
-        out: list[Hit] = []
-        for label, score in zip(self._popular_order.tolist(), self._popular_score.tolist(), strict=True):
-            if label in banned:
-                continue
-            out.append(Hit(str(self.index.ids[label]), score, 0))
-            if len(out) == fetch:
-                break
-        return out
+    def labels(self, item_ids: Sequence[str]) -> list[int]:
+        return [self.rows[i] for i in item_ids if i in self.rows]
+
+    def popular(self, fetch: int, exclude: Sequence[str]) -> Found:
+        """The most popular items not excluded: the answer for a user nobody knows."""
+        head = self._popular_order[: fetch + len(exclude)]  # enough even if every excluded item is in it
+        keep = ~np.isin(head, np.asarray(self.labels(exclude), dtype=np.int64))
+        labels, scores = head[keep][:fetch], self._popular_score[: len(head)][keep][:fetch]
+        return Found(self.index.ids[labels].tolist(), scores.tolist(), [0] * len(labels))
 
     @torch.inference_mode()
     def user_vectors(self, states: Sequence[UserState]) -> tuple[np.ndarray, np.ndarray]:
@@ -125,20 +132,22 @@ class Runtime:
         vectors, mask = self.retriever.interests(to_batch(feats, slice(None), torch.device("cpu")))
         return vectors.float().numpy(), mask.numpy()
 
-    def recall(self, jobs: Sequence[RecallJob]) -> tuple[list[list[Hit]], BatchTimings]:
-        """Top-`fetch` hits per job: every personalised job's interests in one tower pass and one index search."""
+    def recall(self, jobs: Sequence[RecallJob]) -> tuple[list[Found], BatchTimings]:
+        """Top-`fetch` items per job: every personalised job's interests in one tower pass and one index search."""
         timings = BatchTimings()
-        out: list[list[Hit]] = [[] for _ in jobs]
+        out = [Found([], [], [])] * len(jobs)
         tower = [j for j, job in enumerate(jobs) if not job.state.popularity_only]
         if tower:
             t0 = time.perf_counter()
             vectors, mask = self.user_vectors([jobs[j].state for j in tower])
             t1 = time.perf_counter()
             width = max(jobs[j].fetch for j in tower)
-            found = search(self.index, vectors, width, mask, [jobs[j].exclude for j in tower])
+            banned = [self.labels(jobs[j].exclude) for j in tower]
+            found = search_vectors(self.index.index, vectors, mask, width, banned)
             timings.user_tower, timings.search = t1 - t0, time.perf_counter() - t1
-            for j, hits in zip(tower, found, strict=True):
-                out[j] = hits[: jobs[j].fetch]
+            for j, (labels, scores, interests) in zip(tower, found, strict=True):
+                n = jobs[j].fetch
+                out[j] = Found(self.index.ids[labels[:n]].tolist(), scores[:n].tolist(), interests[:n].tolist())
         for j, job in enumerate(jobs):
             if job.state.popularity_only:
                 out[j] = self.popular(job.fetch, job.exclude)
@@ -158,9 +167,9 @@ class Runtime:
         """One request through every stage, so the first real one pays no lazy initialisation."""
         first = [str(self.index.ids[self._popular_order[0]])] if self.index.ids.size else []
         probe = UserState("__warmup__", {"user_id": "__warmup__"}, first, "request", True)
-        hits, _ = self.recall([RecallJob(probe, min(10, max(1, self.index.index.ntotal)), [])])
-        if self.ranker is not None and hits[0]:
-            self.rank(probe, [h.item_id for h in hits[0]], None)
+        found, _ = self.recall([RecallJob(probe, min(10, max(1, self.index.index.ntotal)), [])])
+        if self.ranker is not None and found[0].item_ids:
+            self.rank(probe, found[0].item_ids, None)
 
 
 def load_runtime(target: Target, device: str = "cpu") -> Runtime:

@@ -362,3 +362,15 @@ def test_encoder_files_round_trip() -> None:
     del files["vocab/cat.json"]
     with pytest.raises(QuiverError, match=re.escape("vocab/cat.json")):
         FeatureEncoder.from_files(groups, files)
+
+
+def test_small_and_large_vocab_lookups_agree() -> None:
+    """Serving-size lookups (a cached dict) and column lookups (Arrow's hash join) give the same codes."""
+    from models.features import SMALL_LOOKUP, Vocab
+
+    vocab = Vocab.build(pa.array(["b", "a", "b", "c", "7"]))
+    small = pa.array(["a", None, "zz", "b", "7", "c"])
+    big = pa.array((small.to_pylist() * (SMALL_LOOKUP // 6 + 2))[: SMALL_LOOKUP + 5])
+    assert vocab.lookup(small).tolist() == [4, 1, 1, 2, 3, 5]  # b most frequent; ties by token: 7 < a < c
+    assert vocab.lookup(big).tolist() == (vocab.lookup(small).tolist() * (SMALL_LOOKUP // 6 + 2))[: SMALL_LOOKUP + 5]
+    assert vocab.lookup(pa.array([7, None], pa.int64())).tolist() == [3, 1]  # non-string ids cast like a column
