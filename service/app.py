@@ -10,18 +10,19 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated
 
 import faiss
-import orjson
 import torch
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batcher import MicroBatcher
 from service.body_limit import BodyLimit
+from service.errors import JSON, CatchAll, http_error, validation_error
 from service.metrics import Metrics, RequestTimer
 from service.pipeline import Services
 from service.reload import RuntimeHolder, listen, poll
@@ -40,40 +41,11 @@ from service.userstate import RedisStore
 log = logging.getLogger("quiver.service")
 
 
-class JSON(Response):
-    """orjson-encoded JSON; the routes build plain dicts, so no second validation pass runs on the way out."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
 def services(request: Request) -> Services:
     return request.app.state.services
 
 
 Svc = Annotated[Services, Depends(services)]
-
-
-def _error_line(err: dict[str, Any]) -> str:
-    return f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
-
-
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    """422 naming each bad field; the offending input is not echoed back (it may be a megabyte of ids)."""
-    assert isinstance(exc, RequestValidationError)
-    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
-    return JSON({"detail": errors, "message": "; ".join(_error_line(e) for e in errors)}, status_code=422)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    detail = exc.detail
-    body: dict[str, Any] = {"detail": detail}
-    if isinstance(detail, list):
-        body["message"] = "; ".join(_error_line(e) for e in detail)
-    return JSON(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 def _pin_threads(n: int) -> None:
@@ -135,8 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         default_response_class=JSON,
     )
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)  # starlette's: 404 and 405 too
 
     @app.post("/recall", response_model=RecallResponse)
     async def recall(req: RecallRequest, svc: Svc) -> Response:
@@ -226,5 +198,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     endpoints = {route.path for route in app.routes if hasattr(route, "path")}
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # refuses before anything reads the body
-    app.add_middleware(RequestTimer, metrics=metrics, endpoints=endpoints)  # outermost: times the 413s too
+    app.add_middleware(CatchAll, on_error=lambda: metrics.errors.labels("unhandled").inc())
+    app.add_middleware(RequestTimer, metrics=metrics, endpoints=endpoints)  # outermost: times the 413s and 500s
     return app

@@ -255,3 +255,25 @@ def test_pyarrow_profile_values_of_the_wrong_type_become_null() -> None:
     table = BundleUsers(users, ["age"]).profile_table([{"user_id": "b", "age": "41"}, {"user_id": "c", "age": "x"}])
     assert table["age"].to_pylist() == [41, None]
     assert table.schema.field("age").type == pa.int64()
+
+
+def test_an_internal_fault_is_a_counted_json_500(api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Injected fault (a bug cannot be made on demand): the batch fails its request, the service goes on."""
+    from service.runtime import Runtime
+
+    def broken(self: Runtime, jobs: list) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(Runtime, "recall", broken)
+    r = api.post("/recall", json={"user_id": "u", "k": 3})
+    assert r.status_code == 500 and r.json() == {"detail": "internal error (logged)"}
+    monkeypatch.undo()
+    assert api.post("/recall", json={"user_id": "u", "k": 3}).status_code == 200
+    assert 'quiver_errors_total{kind="unhandled"} 1.0' in api.get("/metrics").text
+
+
+def test_unknown_paths_and_methods_are_json(api: httpx.Client) -> None:
+    r = api.get("/nope")
+    assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+    assert api.get("/recall").status_code == 405
+    assert 'endpoint="other",status="404"' in api.get("/metrics").text

@@ -1,0 +1,79 @@
+"""Every error the API returns is JSON: 4xx naming the field, and a 500 that never drops the connection.
+
+Starlette's own last-resort handler sends its 500 and then re-raises, which makes uvicorn close the keep-alive
+connection, so a client's next request on it fails too. `CatchAll` answers the 500 itself and swallows the
+exception (after logging it), so one failed request stays one failed request.
+"""
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("quiver.service")
+
+
+class JSON(Response):
+    """orjson-encoded JSON; the routes build plain dicts, so no second validation pass runs on the way out."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _error_line(err: dict[str, Any]) -> str:
+    return f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+
+
+async def validation_error(request: Request, exc: Exception) -> Response:
+    """422 naming each bad field; the offending input is not echoed back (it may be a megabyte of ids)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+    return JSON({"detail": errors, "message": "; ".join(_error_line(e) for e in errors)}, status_code=422)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    body: dict[str, Any] = {"detail": exc.detail}
+    if isinstance(exc.detail, list):
+        body["message"] = "; ".join(_error_line(e) for e in exc.detail)
+    return JSON(body, status_code=exc.status_code, headers=exc.headers)
+
+
+class CatchAll:
+    """ASGI middleware: an unexpected exception becomes a logged, counted JSON 500 on a connection that stays up."""
+
+    def __init__(self, app: ASGIApp, on_error: Callable[[], None]) -> None:
+        self.app = app
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception:
+            log.exception("unhandled error on %s", scope.get("path"))
+            self.on_error()
+            if started:  # half a response is out: only closing the connection can tell the client
+                raise
+            body = orjson.dumps({"detail": "internal error (logged)"})
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
