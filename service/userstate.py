@@ -136,13 +136,12 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(user_key(user_id))
             pipe.lrange(hist_key(user_id), 0, max(0, history_len - 1))
-            pipe.exists(hist_key(user_id))
-            profile, newest_first, has_hist = await self._bounded(pipe.execute())
+            profile, newest_first = await self._bounded(pipe.execute())
         except (RedisError, OSError, TimeoutError) as err:
             self._failed(err)
             return None
-        history = list(reversed(newest_first)) if has_hist else None
-        return RedisRecord(dict(profile), history)
+        # Redis deletes a list when it empties, so an empty answer means no history is stored for this user.
+        return RedisRecord(dict(profile), list(reversed(newest_first)) if newest_first else None)
 
     async def append(self, user_id: str, items: Sequence[str], max_len: int, seed: Sequence[str]) -> int:
         """Append clicks (oldest first) to the user's history and trim it, in one round trip (one Lua script).
