@@ -32,10 +32,44 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The whole pipeline without Docker, from a fresh clone: demo catalog -> DSSM retriever -> TDM reranker -> HNSW index
+# -> the API on :$(DEMO_PORT). Every step runs every time (retraining the demo takes about two minutes on one core); the
+# index step is a no-op when the published index already matches the newest DSSM bundle.
+DEMO_PORT ?= 8000
+DEMO_ENV := QUIVER_ARTIFACTS=$(CURDIR)/artifacts QUIVER_MODEL=dssm_demo QUIVER_RANKER=tdm_demo QUIVER_PORT=$(DEMO_PORT)
+
+# Prints curl examples with ids read from the generated catalog (a real user, real items).
+define DEMO_CURL
+import json, sys
+import pyarrow.parquet as pq
+
+data, port = "artifacts/demo-data", sys.argv[1]
+user = pq.read_table(f"{data}/users.parquet", columns=["user_id"])["user_id"][0].as_py()
+items = pq.read_table(f"{data}/items.parquet", columns=["item_id"])["item_id"].to_pylist()[:5]
+for path, body in (
+    ("recall", {"user_id": user, "k": 10, "rerank": True}),
+    ("rank", {"user_id": user, "candidates": items, "k": 3}),
+):
+    print(f"  curl -s -X POST http://127.0.0.1:{port}/{path} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
+endef
+export DEMO_CURL
+
 demo: $(VENV)/.installed
+	@echo "== demo 1/6: synthetic catalog -> artifacts/demo-data"
 	$(VENV)/bin/quiver-train demo-data --out artifacts/demo-data
+	@echo "== demo 2/6: DSSM retriever -> artifacts/models/dssm_demo"
 	$(VENV)/bin/quiver-train fit --config configs/dssm_demo.yaml
+	@echo "== demo 3/6: offline evaluation of dssm_demo (vs popularity)"
 	$(VENV)/bin/quiver-train eval --bundle artifacts/models/dssm_demo
+	@echo "== demo 4/6: TDM reranker over dssm_demo -> artifacts/models/tdm_demo"
+	$(VENV)/bin/quiver-train fit --config configs/tdm_demo.yaml
+	@echo "== demo 5/6: HNSW index of dssm_demo -> artifacts/indexes/dssm_demo"
+	$(DEMO_ENV) $(VENV)/bin/quiver-index rebuild --model dssm_demo --index HNSW32,Flat --no-progress
+	@echo "== demo 6/6: quiver-serve on http://127.0.0.1:$(DEMO_PORT) (Ctrl-C stops it). Once /readyz answers, try:"
+	@$(PY) -c "$$DEMO_CURL" $(DEMO_PORT)
+	@echo "  curl -s http://127.0.0.1:$(DEMO_PORT)/readyz"
+	@echo "  curl -s http://127.0.0.1:$(DEMO_PORT)/metrics | grep -E '^quiver_(model_info|index_items)'"
+	exec env $(DEMO_ENV) $(VENV)/bin/quiver-serve
 
 bench-quality: $(VENV)/.installed
 	$(PY) bench/quality.py --config configs/dssm_ml1m.yaml

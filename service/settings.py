@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     def _names(self) -> Self:
         if not self.model.strip():
             raise ValueError("QUIVER_MODEL: empty bundle name")
+        if self.admin_token is not None and not self.admin_token.get_secret_value().strip():
+            self.admin_token = None  # an empty token (compose's `${VAR:-}`) turns admin off, never matches ""
         return self
 
     @property
