@@ -41,7 +41,8 @@ from service.userstate import RedisStore
 log = logging.getLogger("quiver.service")
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    """Async on purpose: FastAPI runs a plain `def` dependency on its thread pool, one thread hop per request."""
     return request.app.state.services
 
 
@@ -60,7 +61,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _pin_threads(settings.torch_threads)
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quiver-model")
+        # OpenMP's thread count is per calling thread: FAISS must be told on the thread that searches.
+        executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="quiver-model",
+            initializer=_pin_threads,
+            initargs=(settings.torch_threads,),
+        )
         store = (
             RedisStore(settings.redis_url, settings.redis_timeout_ms, settings.redis_pool_size)
             if settings.redis_url

@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default_factory=available_cores, ge=1, description="torch and FAISS threads")
     microbatch: bool = Field(True, description="batch concurrent /recall requests into one tower pass and search")
     batch_max_size: int = Field(64, ge=1, description="requests per micro-batch at most")
-    batch_max_wait_ms: float = Field(1.0, ge=0, description="how long a batch waits to fill once it has a request")
+    batch_max_wait_ms: float = Field(
+        0.0, ge=0, description="extra wait for a batch to fill; 0: a batch is what queued while the last one ran"
+    )
 
     rerank_candidates: int = Field(200, ge=1, le=1000, description="retrieved candidates TDM reorders on rerank")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")

@@ -229,3 +229,12 @@ def test_plain_eval_of_a_ranker_bundle_points_to_eval_rerank(trained: dict, caps
     assert main(["eval", "--bundle", str(trained["result"].bundle)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "eval-rerank" in err
+
+
+def test_clicks_per_epoch_trains_on_the_subset_only(demo_dir: Path, tmp_path: Path) -> None:
+    """A subset per epoch must not leave empty batches behind it (their mean loss was NaN)."""
+    cfg = tdm_config(demo_dir, tmp_path / "models", None, epochs=1, clicks_per_epoch=300, batch_size=128)
+    result = TDMTrainer(parse_tdm_config(cfg, "test")).fit()
+    entry = result.metrics["history"][0]
+    assert np.isfinite(entry["loss"])
+    assert 300 <= entry["examples"] <= 300 * (1 + cfg["negatives"]["per_positive"])

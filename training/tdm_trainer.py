@@ -173,7 +173,7 @@ class TDMTrainer:
         for epoch in range(t.epochs):
             self.model.train()
             order = np.random.default_rng(t.seed + epoch).permutation(n)[: t.clicks_per_epoch]
-            starts = range(0, n, t.batch_size)
+            starts = range(0, len(order), t.batch_size)  # clicks_per_epoch: only the subset, no empty batches
             bar = tqdm(starts, desc=f"tdm epoch {epoch + 1}/{t.epochs}", disable=not t.progress)
             loss_sum, seen = 0.0, 0
             for i, s in enumerate(bar):
