@@ -2,6 +2,7 @@
 DSSM it reranks, and the Makefile runs the pipeline in order and prints a curl example with real ids."""
 
 import json
+import os
 import re
 import runpy
 import shlex
@@ -77,8 +78,15 @@ def _demo_recipe() -> list[str]:
     """The commands `make demo` runs (install treated as done), one per line."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
+    # Under `make test` this is a sub-make: without the parent's MAKEFLAGS/MAKELEVEL it prints no directory lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     out = subprocess.run(
-        ["make", "-n", "-o", ".venv/.installed", "demo"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     ).stdout
     return [line for line in out.splitlines() if line and not line.startswith("echo ")]
 
