@@ -4,16 +4,21 @@ A declared Content-Length over the limit is refused at once; a chunked body (no 
 refused the moment it passes the limit, so a client cannot stream an unbounded body into the JSON parser.
 """
 
-import orjson
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import TrackedSend, send_json
+
+
+def _too_large(size: str, max_bytes: int) -> str:
+    return f"request body: {size}, the limit is {max_bytes} bytes"
 
 
 class BodyTooLarge(HTTPException):
     """An HTTPException so that FastAPI's body reader passes it on as a 413 instead of wrapping it in a 400."""
 
     def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, f"request body: over {max_bytes} bytes (chunked), the limit is {max_bytes} bytes")
+        super().__init__(413, _too_large(f"over {max_bytes} bytes (chunked)", max_bytes))
 
 
 class BodyLimit:
@@ -21,22 +26,15 @@ class BodyLimit:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _refuse(self, send: Send, size: str) -> None:
-        body = orjson.dumps({"detail": f"request body: {size}, the limit is {self.max_bytes} bytes"})
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send, f"{int(declared)} bytes")
+            await send_json(send, 413, {"detail": _too_large(f"{int(declared)} bytes", self.max_bytes)})
             return
         seen = 0
-        started = False
 
         async def counted_receive() -> Message:
             nonlocal seen
@@ -47,14 +45,9 @@ class BodyLimit:
                     raise BodyTooLarge(self.max_bytes)
             return message
 
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, counted_receive, tracked_send)
-        except BodyTooLarge:
-            if not started:
-                await self._refuse(send, f"over {self.max_bytes} bytes (chunked)")
+            await self.app(scope, counted_receive, tracked)
+        except BodyTooLarge as err:
+            if not tracked.started:
+                await send_json(send, 413, {"detail": err.detail})

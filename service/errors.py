@@ -47,6 +47,28 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return JSON(body, status_code=exc.status_code, headers=exc.headers)
 
 
+async def send_json(send: Send, status: int, content: Any) -> None:
+    """A whole JSON response from plain ASGI middleware, where FastAPI's response classes do not reach."""
+    body = orjson.dumps(content)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class TrackedSend:
+    """An ASGI `send` that remembers whether the response has started: a middleware may only answer in its place
+    until then."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
+
+
 class CatchAll:
     """ASGI middleware: an unexpected exception becomes a logged, counted JSON 500 on a connection that stays up."""
 
@@ -58,22 +80,12 @@ class CatchAll:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, tracked_send)
+            await self.app(scope, receive, tracked)
         except Exception:
             log.exception("unhandled error on %s", scope.get("path"))
             self.on_error()
-            if started:  # half a response is out: only closing the connection can tell the client
+            if tracked.started:  # half a response is out: only closing the connection can tell the client
                 raise
-            body = orjson.dumps({"detail": "internal error (logged)"})
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": 500, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await send_json(send, 500, {"detail": "internal error (logged)"})

@@ -96,6 +96,12 @@ def tiny_config_file(demo_dir: Path, tmp_path: Path) -> Path:
     return path
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class RedisProcess:
     """A private redis-server on a free port (never the machine's own on 6379) that a test may stop and restart
     on the same port, to make Redis really go away and come back."""
@@ -107,9 +113,7 @@ class RedisProcess:
         self.server = server
         self.workdir = workdir
         self.extra = extra
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -1,7 +1,6 @@
 """Helpers for the service tests: a published artifacts tree and a real uvicorn server in a thread."""
 
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from index.build import build
 from index.publish import point_current
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import tdm_config, tiny_config
+from tests.conftest import free_port, tdm_config, tiny_config
 from training.config import parse_config
 from training.tdm_config import parse_tdm_config
 from training.tdm_trainer import TDMTrainer
@@ -65,12 +64,6 @@ def settings(tree: Tree | Path, **overrides: object) -> Settings:
         "batch_max_wait_ms": 1.0,
     }
     return Settings(**(base | overrides))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

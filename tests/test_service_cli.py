@@ -9,7 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.serving import Tree, free_port
+from tests.conftest import free_port
+from tests.serving import Tree
 
 REPO = Path(__file__).resolve().parents[1]
 
