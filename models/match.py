@@ -4,6 +4,8 @@ A subclass supplies `user_tower` and `item_tower`; this class owns what they sha
 similarity, the similarity layout of DESIGN §3 and the temperature.
 """
 
+from collections.abc import Callable
+from functools import partial
 from typing import Literal, NamedTuple
 
 import torch
@@ -12,6 +14,9 @@ from torch import nn
 
 from models.embedding import FeatureEmbedding
 from models.similarity import similarity
+
+Batch = dict[str, torch.Tensor]
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # user vectors (B, D) -> logits (B, C) against the batch's items
 
 Similarity = Literal["cosine", "inner_product"]
 
@@ -56,6 +61,12 @@ class MatchModel(nn.Module):
         among its interests with label-aware attention on them."""
         return self.user_embedding(batch)
 
+    def train_similarity(self, batch: Batch, v_pos: torch.Tensor, score: Scorer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training user vector (B, D) and its logits score(u) = sim(u, v, hard). MIND may instead score each
+        candidate against its best interest."""
+        u = self.train_user_vector(batch, v_pos)  # (B, D)
+        return u, score(u)
+
     def aux_loss(
         self,
         user_batch: dict[str, torch.Tensor],
@@ -88,8 +99,9 @@ class MatchModel(nn.Module):
         if item_index is not None:
             v = v[item_index]  # (B + N + H, D)
         b = next(iter(user_batch.values())).shape[0]
-        u = self.train_user_vector(user_batch, v[:b])  # (B, D)
-        logits = similarity(u, v, in_batch=in_batch, hard_neg_indices=hard_neg_indices) / self.temperature
+        score = partial(similarity, v=v, in_batch=in_batch, hard_neg_indices=hard_neg_indices)  # (B, D) -> logits
+        u, logits = self.train_similarity(user_batch, v[:b], score)
+        logits = logits / self.temperature
         if hard_neg_indices is not None:
             # Empty hard cells hold finfo.min; dividing by tau < 1 would overflow them to -inf: keep them finite.
             logits = logits.clamp_min(torch.finfo(logits.dtype).min)

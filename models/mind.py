@@ -5,6 +5,7 @@ static features. Training scores the positive against one vector per user chosen
 returns every active interest, and retrieval searches each and merges.
 """
 
+import math
 from typing import Literal
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from models.capsule import CapsuleRouting
 from models.embedding import FeatureEmbedding
-from models.match import MatchModel, Similarity
+from models.match import Batch, MatchModel, Scorer, Similarity
 from models.mlp import MLP, TowerConfig
 
 
@@ -36,6 +37,11 @@ class MINDConfig(BaseModel):
     similarity: Similarity = "cosine"
     temperature: float = Field(default=1.0, gt=0)
     simi_pow: float = Field(default=10.0, gt=0)  # label-aware attention sharpness
+    # How training scores a candidate. label_aware (DESIGN §4): every candidate against the one vector that
+    # attention on the positive built. best_interest (a deviation, off by default): each candidate against its own
+    # best active interest, the score that serving's merge ranks by, so a negative that is close to another of the
+    # user's interests is penalised in training too (label-aware training never sees it).
+    train_scoring: Literal["label_aware", "best_interest"] = "label_aware"
     variational_dropout: list[Literal["user", "item", "hist"]] = Field(default_factory=list)
 
 
@@ -86,10 +92,21 @@ class MIND(MatchModel):
     def user_tower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError("MIND serves several vectors per user: call interests()")
 
-    def train_user_vector(self, batch: dict[str, torch.Tensor], v_pos: torch.Tensor) -> torch.Tensor:
-        """Label-aware attention: a = softmax_k(simi_pow * <interest_k, v_pos>) over the active interests,
-        user = sum_k a_k interest_k; (B, D)."""
-        caps, mask = self.interests(batch)  # (B, K, D), (B, K)
+    def label_aware(self, caps: torch.Tensor, mask: torch.Tensor, v_pos: torch.Tensor) -> torch.Tensor:
+        """a = softmax_k(simi_pow * <interest_k, v_pos>) over the active interests; user = sum_k a_k interest_k.
+        caps (B, K, D), mask (B, K), v_pos (B, D) -> (B, D)."""
         att = self.cfg.simi_pow * torch.einsum("bkd,bd->bk", caps, v_pos)  # (B, K)
-        att = torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+        att = torch.softmax(att.masked_fill(~mask, -math.inf), dim=-1)
         return torch.einsum("bk,bkd->bd", att, caps)
+
+    def train_user_vector(self, batch: dict[str, torch.Tensor], v_pos: torch.Tensor) -> torch.Tensor:
+        return self.label_aware(*self.interests(batch), v_pos)
+
+    def train_similarity(self, batch: Batch, v_pos: torch.Tensor, score: Scorer) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.train_scoring == "label_aware":
+            return super().train_similarity(batch, v_pos, score)
+        caps, mask = self.interests(batch)  # (B, K, D), (B, K)
+        scores = torch.stack([score(caps[:, k].contiguous()) for k in range(caps.shape[1])])  # (K, B, C)
+        floor = torch.finfo(scores.dtype).min  # an inactive interest never wins the max
+        logits = scores.masked_fill(~mask.T[:, :, None], floor).amax(0)  # (B, C): each candidate's best interest
+        return self.label_aware(caps, mask, v_pos), logits

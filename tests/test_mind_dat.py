@@ -5,6 +5,7 @@ vectorised module and the reference must agree on masks, the `b = w + agreement`
 """
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from models.dat import DAT, DATConfig
 from models.embedding import FeatureEmbedding
 from models.features import FeatureGroups
 from models.mind import MIND, MINDConfig
+from models.similarity import similarity
 from models.variational_dropout import PENALTY, VariationalDropout
 
 # ---------------------------------------------------------------- capsule routing
@@ -160,6 +162,49 @@ def test_mind_training_forward_backpropagates_into_the_bilinear_map() -> None:
     assert logits.shape == (3, 1 + 3) and aux.item() == 0.0
     logits.logsumexp(1).sum().backward()
     assert model.routing.bilinear.weight.grad is not None and model.routing.bilinear.weight.grad.abs().sum() > 0
+
+
+def test_best_interest_scoring_takes_each_candidates_best_active_interest() -> None:
+    model = _mind(train_scoring="best_interest").eval()
+    with torch.no_grad():
+        v = model.item_embedding(ITEMS)  # (3 positives + 3 negatives, D)
+        vecs, mask = model.interests(USERS)
+        logits, _ = model(USERS, ITEMS, in_batch=False)  # (3, 1 + 3), divided by tau
+    for n in range(3):
+        active = vecs[n][mask[n]]  # (k, D)
+        pos = (active @ v[n]).max()
+        neg = (active @ v[3:].T).max(0).values  # (3,)
+        expected = torch.cat([pos[None], neg]) / model.temperature
+        assert torch.allclose(logits[n], expected, atol=1e-5)
+    with torch.no_grad():  # in-batch: the other users' positives are the negatives
+        logits, _ = model(USERS, {k: t[:3] for k, t in ITEMS.items()}, in_batch=True)  # (3, 3)
+    for n in range(3):
+        expected = (vecs[n][mask[n]] @ v[:3].T).max(0).values / model.temperature
+        assert torch.allclose(logits[n], expected, atol=1e-5)
+
+
+def test_best_interest_by_hand_ignores_inactive_interests() -> None:
+    class Fixed(MIND):
+        def interests(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            caps = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [1.0, 0.0]]])  # (B=2, K=2, D=2)
+            return caps, torch.tensor([[True, True], [True, False]])  # user 1's second interest is inactive
+
+    cfg = MINDConfig.model_validate({"type": "mind", "max_k": 2, "max_seq_len": 6, "train_scoring": "best_interest"})
+    model = Fixed(cfg, FeatureEmbedding(GROUPS, SIZES))
+    v = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])  # positives of users 0, 1; 2 negatives
+    _, logits = model.train_similarity({}, v[:2], partial(similarity, v=v, in_batch=False))
+    # user 0: pos max(0, 1) = 1; neg (1, 0) -> max(1, 0) = 1; neg (-1, 0) -> max(-1, 0) = 0
+    # user 1: only (0.6, 0.8): pos 0.8; negs 0.6 and -0.6 (the inactive (1, 0) would have scored 1.0)
+    assert torch.allclose(logits, torch.tensor([[1.0, 1.0, 0.0], [0.8, 0.6, -0.6]]))
+
+
+def test_best_interest_and_label_aware_agree_for_one_interest_users() -> None:
+    torch.manual_seed(1)
+    users = {k: t[1:] for k, t in USERS.items()}  # lengths 1 and 0: one active interest each
+    items = {k: torch.cat([t[1:3], t[3:]]) for k, t in ITEMS.items()}
+    a, _ = _mind(train_scoring="best_interest").eval()(users, items, in_batch=False)
+    b, _ = _mind().eval()(users, items, in_batch=False)
+    assert torch.allclose(a, b, atol=1e-5)
 
 
 # ---------------------------------------------------------------- DAT
