@@ -43,6 +43,11 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.bundle import resolve_version
+from models.errors import QuiverError
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 GOAL_RATIO = 0.70
@@ -235,20 +240,23 @@ def run_step(cmd: list[str], what: str) -> tuple[float, str]:
 
 
 def latest(folder: Path, pointer: str) -> Path | None:
-    p = folder / pointer
-    if not p.is_file():
+    """The version the pointer names, None when there is none yet (or it is broken: rebuilt then)."""
+    try:
+        return resolve_version(folder, pointer, "built")
+    except QuiverError:
         return None
-    v = folder / p.read_text().strip()
-    return v if (v / "manifest.json").is_file() else None
+
+
+def have_demo_data(data: Path) -> bool:
+    return all((data / f).is_file() for f in ("interactions.parquet", "users.parquet", "items.parquet"))
 
 
 def prepare(args: argparse.Namespace, lay: Layout) -> dict[str, Any]:
     """Build whatever is missing; returns prep.json (step seconds, index facts). Cached steps keep their times."""
     root, data = lay.root, lay.data
     if args.skip_prepare:  # check everything first: a refused run leaves nothing behind
-        have_data = all((data / f).is_file() for f in ("interactions.parquet", "users.parquet", "items.parquet"))
         for what, ok in (
-            (f"demo data {data}", have_data),
+            (f"demo data {data}", have_demo_data(data)),
             (f"DSSM bundle {root / 'models' / DSSM}", latest(root / "models" / DSSM, "LATEST")),
             (f"index {root / 'indexes' / lay.index}", latest(root / "indexes" / lay.index, "CURRENT")),
             (f"TDM bundle {root / 'models' / lay.ranker}", latest(root / "models" / lay.ranker, "LATEST")),
@@ -263,12 +271,7 @@ def prepare(args: argparse.Namespace, lay: Layout) -> dict[str, Any]:
     def save() -> None:
         prep_path.write_text(json.dumps(prep, indent=1, sort_keys=True) + "\n")
 
-    def need(what: str) -> None:
-        if args.skip_prepare:
-            raise BenchError(f"--skip-prepare: {what} missing under {root} (run once without --skip-prepare)")
-
-    if not all((data / f).is_file() for f in ("interactions.parquet", "users.parquet", "items.parquet")):
-        need(f"demo data ({data})")
+    if not have_demo_data(data):
         cmd = [venv_tool("quiver-train"), "demo-data", "--out", str(data), "--items", str(args.items)]
         cmd += ["--users", str(args.users), "--categories", str(args.categories), "--seed", str(args.seed)]
         seconds, _ = run_step(cmd, f"demo data ({args.items:,} items, {args.users:,} users)")
@@ -281,14 +284,12 @@ def prepare(args: argparse.Namespace, lay: Layout) -> dict[str, Any]:
     for name, cfg in (("dssm.yaml", lay.dssm_cfg), (f"{lay.ranker}.yaml", lay.tdm_cfg)):
         (cfg_dir / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
     if latest(root / "models" / DSSM, "LATEST") is None:
-        need("DSSM bundle")
         cmd = [venv_tool("quiver-train"), "fit", "--config", str(cfg_dir / "dssm.yaml")]
         seconds, _ = run_step(cmd, "DSSM training (speed benchmark: one epoch at most)")
         prep["dssm_fit_s"] = round(seconds, 1)
         steps_done.append("dssm_fit")
         save()
     if latest(root / "indexes" / lay.index, "CURRENT") is None:
-        need(f"{args.index} index {lay.index}")
         cmd = [venv_tool("quiver-index"), "build", "--model", str(root / "models" / DSSM), "--name", lay.index]
         cmd += ["--out", str(root / "indexes"), "--index", args.index, "--recall-floor", str(args.recall_floor)]
         if lay.ef_search:
@@ -298,7 +299,6 @@ def prepare(args: argparse.Namespace, lay: Layout) -> dict[str, Any]:
         steps_done.append("index_build")
         save()
     if latest(root / "models" / lay.ranker, "LATEST") is None:
-        need(f"TDM bundle {lay.ranker}")
         cmd = [venv_tool("quiver-train"), "fit", "--config", str(cfg_dir / f"{lay.ranker}.yaml")]
         seconds, _ = run_step(cmd, f"TDM training ({args.tdm_clicks:,} clicks)")
         prep.setdefault("tdm_fit_s", {})[lay.ranker] = round(seconds, 1)

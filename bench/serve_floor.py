@@ -15,20 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import orjson
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-class JSON(Response):
-    """orjson-encoded JSON, as the service's own response class (FastAPI deprecates ORJSONResponse)."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+from service.errors import JSON  # the service's own response class: the same orjson serialisation per request
 
 
 class RecallRequest(BaseModel):
