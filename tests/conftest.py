@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from service.settings import Settings
 from training.data.demo import generate_demo
 
 if TYPE_CHECKING:
@@ -94,6 +95,14 @@ def tiny_config_file(demo_dir: Path, tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_config(demo_dir, tmp_path / "models")))
     return path
+
+
+SETTING_VARIABLES = {f"QUIVER_{name.upper()}" for name in Settings.model_fields}  # every variable the service reads
+
+
+def settings_from_env(env: dict[str, str]) -> Settings:
+    """The service's settings from the QUIVER_* variables a container or a Makefile recipe passes it."""
+    return Settings(**{key.removeprefix("QUIVER_").lower(): v for key, v in env.items() if key.startswith("QUIVER_")})
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from service.settings import Settings
+from tests.conftest import SETTING_VARIABLES, settings_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -81,10 +82,6 @@ def _healthcheck_text(service: dict[str, Any]) -> str:
 def _container_port(mapping: str) -> int:
     """'8000:8000' or '127.0.0.1:8000:8000/tcp' -> the container's port."""
     return int(mapping.split("/")[0].rsplit(":", 1)[-1])
-
-
-def _settings_env_names() -> set[str]:
-    return {f"QUIVER_{name.upper()}" for name in Settings.model_fields}
 
 
 @pytest.fixture(scope="module")
@@ -195,17 +192,15 @@ def test_admin_token_comes_from_the_host(services: dict[str, Any]) -> None:
 
 
 def test_every_quiver_variable_is_a_service_setting(services: dict[str, Any], runtime: list[tuple[str, str]]) -> None:
-    known = _settings_env_names()
     named = {key for service in services.values() for key in service.get("environment", {}) if key.startswith("QUIVER")}
     named |= {key for key in _env(runtime) if key.startswith("QUIVER")}
     assert named, "no QUIVER_* variable found"
-    assert named <= known, f"not fields of service.settings.Settings: {sorted(named - known)}"
+    assert named <= SETTING_VARIABLES, f"not fields of service.settings.Settings: {sorted(named - SETTING_VARIABLES)}"
 
 
 def test_api_environment_is_valid_settings(services: dict[str, Any], runtime: list[tuple[str, str]]) -> None:
     env = _env(runtime) | services["api"]["environment"] | {"QUIVER_ADMIN_TOKEN": "token-from-the-host"}
-    values = {key.removeprefix("QUIVER_").lower(): value for key, value in env.items() if key.startswith("QUIVER_")}
-    settings = Settings(**values)  # raises on a value the service would refuse at start-up
+    settings = settings_from_env(env)  # raises on a value the service would refuse at start-up
     assert settings.model == "dssm_demo"
     assert settings.ranker == "tdm_demo"
     assert settings.index_name == "dssm_demo"

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from service.settings import Settings
+from tests.conftest import SETTING_VARIABLES, settings_from_env
 from training.config import load_config
 from training.data.demo import generate_demo
 from training.tdm_config import load_tdm_config
@@ -117,15 +117,14 @@ def test_make_demo_serves_the_demo_pair_on_8000() -> None:
     assert env["QUIVER_RANKER"] == "tdm_demo"
     assert env["QUIVER_PORT"] == "8000"
     assert Path(env["QUIVER_ARTIFACTS"]) == ROOT / "artifacts"
-    settings = Settings(**{key.removeprefix("QUIVER_").lower(): value for key, value in env.items()})
+    settings = settings_from_env(env)
     assert settings.index_name == "dssm_demo"
 
 
 def test_every_quiver_variable_in_the_makefile_is_a_service_setting() -> None:
     named = set(re.findall(r"\b(QUIVER_\w+)=", MAKEFILE.read_text()))
     assert {"QUIVER_MODEL", "QUIVER_RANKER"} <= named
-    known = {f"QUIVER_{name.upper()}" for name in Settings.model_fields}
-    assert named <= known, f"not fields of service.settings.Settings: {sorted(named - known)}"
+    assert named <= SETTING_VARIABLES, f"not fields of service.settings.Settings: {sorted(named - SETTING_VARIABLES)}"
 
 
 def test_make_demo_prints_curl_with_real_ids(
