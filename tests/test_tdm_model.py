@@ -123,10 +123,37 @@ def test_attention_is_masked_and_matches_the_concatenated_mlp() -> None:
     a, s_n, m = model.attention_weights(s, mask, q, user_index)  # (3, T, 1)
     assert torch.equal(a[~m], torch.zeros_like(a[~m]))  # padded positions weigh 0
     assert (a[m] != 0).all()
+    a_p, cand, pos, _ = model.attention_pairs(s, mask, q, user_index)  # the packed layout: valid pairs only
+    assert torch.equal(m, torch.zeros_like(m).index_put_((cand, pos), torch.tensor(True)))
+    torch.testing.assert_close(a[cand, pos], a_p)
     # The split first layer equals the attention MLP on [s, q ⊙ s, q] written out directly.
     qn = q[:, None, :].expand_as(s_n)
     naive = model.attention_out(model.attention(torch.cat([s_n, qn * s_n, qn], dim=-1))) * m.unsqueeze(-1)
     torch.testing.assert_close(a, naive)
+
+
+def test_packed_and_dense_pooling_equal_the_windows_written_out() -> None:
+    """Both layouts of encode (valid pairs only, or every (candidate, position) cell) against DESIGN §4's windows
+    written out, on random lengths (empty, shorter than a window, longer than all windows), users shared."""
+    model = _model([1, 2, 3], attention=[6])
+    g = torch.Generator().manual_seed(3)
+    lengths = [0, 1, 2, 5, 6, 9]
+    codes = torch.zeros(len(lengths), 9, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        codes[b, :n] = torch.randint(1, 10, (n,), generator=g)
+    user_index = torch.tensor([5, 0, 3, 3, 1, 2, 4, 5, 2])
+    q = model.query({"item_id": torch.randint(1, 10, (9,), generator=g)})
+    s, mask = model.history({"hist": codes})
+    a, s_n, m = model.attention_weights(s, mask, q, user_index)  # (N, T, 1), (N, T, C), (N, T)
+    r = torch.zeros(9, 3, C)  # window by window, written out
+    for n in range(9):
+        for l, (lo, hi) in enumerate([(0, 1), (1, 3), (3, 6)]):
+            valid = m[n, lo:hi]
+            if valid.any():
+                r[n, l] = (a[n, lo:hi] * s_n[n, lo:hi])[valid].sum(0) / valid.sum()
+    want = torch.cat([r.flatten(1), q], dim=-1)
+    torch.testing.assert_close(model.encode(s, mask, q, user_index, packed=True), want)
+    torch.testing.assert_close(model.encode(s, mask, q, user_index, packed=False), want)
 
 
 def test_item_history_equals_hist_history_when_items_are_ids_only() -> None:
