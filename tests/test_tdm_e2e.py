@@ -12,13 +12,15 @@ import yaml
 from models.bundle import load_bundle
 from models.embedding import FeatureEmbedding
 from models.errors import QuiverError
+from models.inputs import user_vectors
 from models.rank import MAX_CANDIDATES, Ranker, score
 from models.tdm import TDM
 from tests.conftest import tdm_config, tiny_config
 from training.cli import main
 from training.config import parse_config
+from training.ranking import Csr
 from training.tdm_config import parse_tdm_config
-from training.tdm_data import NegativeMixer
+from training.tdm_data import NegativeMixer, catalog_vectors, exclude_also, row_ids, take_rows
 from training.tdm_trainer import TDMTrainer, copy_embeddings, tdm_user_batch
 from training.trainer import fit
 
@@ -64,6 +66,72 @@ def test_retrieved_negatives_come_from_the_pool_and_never_equal_the_click(traine
     assert not (neg == positive[:, None]).any()
     from_pool = [(neg[i, :2, None] == mixer.pool[u][None, :]).any(1).all() for i, u in enumerate(users)]
     assert np.mean(from_pool) > 0.9  # the rest are redraws of collisions
+
+
+@pytest.fixture(scope="module")
+def click_trainer(trained: dict) -> TDMTrainer:
+    """A trainer whose negatives come from each click's own retrieved list, training only on listed clicks."""
+    cfg = json.loads(json.dumps(trained["cfg"]))
+    cfg["negatives"] |= {"retrieved_from": "click", "positives": "retrieved"}
+    cfg["train"] |= {"epochs": 1}
+    return TDMTrainer(parse_tdm_config(cfg, "test"))
+
+
+def test_click_lists_are_the_retrievers_top_k_for_the_history_each_click_saw(
+    trained: dict, click_trainer: TDMTrainer
+) -> None:
+    clicks = click_trainer.clicks
+    assert clicks is not None and clicks.k == 50
+    enc, retriever = click_trainer.enc, load_bundle(trained["retriever"])
+    ev = enc.train
+    idx = np.random.default_rng(1).choice(len(ev.user_row), 25, replace=False)
+    lists, listed = clicks.top(idx, ev.user_row[idx], ev.item_row[idx])
+    items, unknown = catalog_vectors(retriever, enc.items)
+    assert unknown.size == 0
+    for r, i in enumerate(idx):  # brute force, one click at a time, from the click's own history
+        u, _ = user_vectors(retriever, enc.users.take([int(ev.user_row[i])]), row_ids(enc.items, ev.hist[[i]]))
+        scores = items @ u[0, 0].numpy()  # (I,)
+        clicked = ev.item_row[ev.user_row == ev.user_row[i]]  # the user's training clicks: never in a list
+        allowed = np.setdiff1d(np.arange(len(items)), clicked)
+        want = allowed[np.argsort(-scores[allowed], kind="stable")][:50]
+        assert set(lists[r].tolist()) == set(want.tolist())
+        np.testing.assert_allclose(np.sort(scores[lists[r]])[::-1], scores[want], rtol=1e-5, atol=1e-6)
+        rank = (scores[allowed] > scores[ev.item_row[i]]).sum()  # items above the click among those allowed
+        assert listed[r] == (rank < 50)
+
+
+def test_retrieved_positives_train_only_on_the_clicks_their_list_holds(click_trainer: TDMTrainer) -> None:
+    ev, k = click_trainer.enc.train, click_trainer.cfg.negatives.per_positive
+    idx = np.arange(200)
+    clicks = click_trainer.clicks
+    assert clicks is not None
+    _, listed = clicks.top(idx, ev.user_row[idx], ev.item_row[idx])
+    assert 0 < listed.sum() < len(idx)  # some clicks fall outside their list and must be skipped
+    _, examples = click_trainer.step(idx)
+    assert examples == int(listed.sum()) * (1 + k)
+    result = click_trainer.fit()
+    assert np.isfinite(result.metrics["history"][0]["loss"]) and result.metrics["history"][0]["examples"] > 0
+
+
+def test_csr_rows_and_columns_for_every_row() -> None:
+    c = Csr.from_pairs(np.array([0, 0, 2]), np.array([5, 1, 3]), 3)
+    taken = take_rows(c, np.array([2, 0, 2, 1]))
+    assert [taken.row(i).tolist() for i in range(4)] == [[3], [1, 5], [3], []]
+    wider = exclude_also(c, np.array([7, 1]))
+    assert [wider.row(i).tolist() for i in range(3)] == [[1, 5, 7], [1, 7], [1, 3, 7]]
+    assert exclude_also(c, np.zeros(0, np.int64)) is c
+
+
+def test_frozen_retriever_tables_stay_the_retrievers(trained: dict) -> None:
+    cfg = json.loads(json.dumps(trained["cfg"]))
+    cfg["train"] |= {"epochs": 1, "init_from_retriever": True, "freeze_initialised": True}
+    trainer = TDMTrainer(parse_tdm_config(cfg, "test"))
+    before = {n: t.weight.detach().clone() for n, t in trainer.model.embedding.tables.items()}
+    attention = trainer.model.attention[0].weight.detach().clone()
+    trainer.fit()
+    for name in trainer.initialised:
+        assert torch.equal(trainer.model.embedding.tables[name].weight, before[name])
+    assert not torch.equal(trainer.model.attention[0].weight, attention)  # the rest trained
 
 
 def test_item_tables_can_start_from_the_retriever(trained: dict) -> None:
@@ -209,6 +277,16 @@ def test_config_errors_are_one_line_with_dotted_paths(
     bad = json.loads(json.dumps(good))
     bad["negatives"]["retrieved_ratio"] = 0.5  # no retriever named
     assert "negatives.retriever" in _config_error(tmp_path, capsys, bad)
+    bad = json.loads(json.dumps(good))
+    bad["negatives"]["positives"] = "retrieved"  # only a click-time list says which clicks were shown
+    assert "negatives.retriever:" in _config_error(tmp_path, capsys, bad)
+    bad["negatives"]["retriever"] = "artifacts/models/some_dssm"
+    assert "negatives.positives: 'retrieved' needs negatives.retrieved_from: click" in _config_error(
+        tmp_path, capsys, bad
+    )
+    bad = json.loads(json.dumps(good))
+    bad["train"]["freeze_initialised"] = True
+    assert "train.freeze_initialised: needs train.init_from_retriever" in _config_error(tmp_path, capsys, bad)
     bad = json.loads(json.dumps(good))
     bad["train"]["lr"] = "fast"
     assert "train.lr:" in _config_error(tmp_path, capsys, bad)

@@ -28,6 +28,12 @@ class TDMNegatives(BaseModel):
     retriever: str | None = None  # a two-tower model bundle (a version folder or a folder with LATEST)
     retrieve_k: int = Field(default=200, ge=1)
     valid_per_positive: int = Field(default=20, ge=1)  # fixed negatives per validation user, same mix
+    # Which retrieved list a click's negatives come from: "click", the retriever's top retrieve_k for the history that
+    # click saw (what would have been shown then); "user", one list per user from their whole training history.
+    retrieved_from: Literal["click", "user"] = "user"
+    # "retrieved": train only on clicks whose item is in their own click-time list, the only clicks a reranker of
+    # that list can order (needs retrieved_from: click); "all": every click.
+    positives: Literal["all", "retrieved"] = "all"
 
 
 class TDMTrainConfig(BaseModel):
@@ -46,6 +52,9 @@ class TDMTrainConfig(BaseModel):
     valid_rerank_users: int = Field(default=2000, ge=1)
     # Start the item tables from the retriever's (same feature name, kind and embedding_dim; matched by token).
     init_from_retriever: bool = False
+    # Keep those tables fixed: TDM learns its attention and MLP over the retriever's item space, and its few clicks
+    # per item cannot pull the embeddings into memorising them.
+    freeze_initialised: bool = False
     max_minutes: float | None = Field(default=None, gt=0)  # stop after the epoch that crosses this budget
     clicks_per_epoch: int | None = Field(default=None, ge=1)  # a fresh random subset per epoch (large data sets)
     progress: bool = True
@@ -84,8 +93,19 @@ class TDMTrainingConfig(BaseModel):
         if self.negatives.retriever is None:
             if self.negatives.retrieved_ratio > 0:
                 raise ValueError("negatives.retriever: retrieved_ratio > 0 needs a two-tower bundle path")
-            if self.train.init_from_retriever or self.train.valid_metric == "rerank_NDCG@10":
-                raise ValueError("negatives.retriever: init_from_retriever / valid_metric rerank_NDCG@10 need one")
+            if (
+                self.train.init_from_retriever
+                or self.train.valid_metric == "rerank_NDCG@10"
+                or self.negatives.positives == "retrieved"
+            ):
+                raise ValueError(
+                    "negatives.retriever: init_from_retriever, valid_metric rerank_NDCG@10 and positives 'retrieved' "
+                    "need one"
+                )
+        if self.train.freeze_initialised and not self.train.init_from_retriever:
+            raise ValueError("train.freeze_initialised: needs train.init_from_retriever")
+        if self.negatives.positives == "retrieved" and self.negatives.retrieved_from != "click":
+            raise ValueError("negatives.positives: 'retrieved' needs negatives.retrieved_from: click")
         if any(k < 1 or k > self.eval.retrieve_k for k in self.eval.ks):
             raise ValueError(f"eval.ks: every K must lie in [1, eval.retrieve_k={self.eval.retrieve_k}]")
         return self

@@ -26,7 +26,7 @@ from training.data.load import load_data
 from training.examples import EncodedData, encode
 from training.ranking import Csr, full_ranking_metrics
 from training.tdm_config import TDMTrainingConfig
-from training.tdm_data import Examples, NegativeMixer, training_pool, validation_examples
+from training.tdm_data import ClickRetrieval, Examples, NegativeMixer, training_pool, validation_examples
 from training.trainer import pick_device, seed_everything, write_bundle
 
 
@@ -107,6 +107,9 @@ class TDMTrainer:
             self.retriever_version = retriever.version
             ts = self.raw.train["timestamp"].to_numpy().astype(np.int64)
             pool = training_pool(retriever, self.enc, ts, neg.retrieve_k, cfg.data.history == "others")
+        self.clicks = None
+        if retriever is not None and neg.retrieved_from == "click":
+            self.clicks = ClickRetrieval(retriever, self.enc, neg.retrieve_k)
         self.mixer = NegativeMixer(pool, self.enc.popularity, neg.retrieved_ratio, neg.alpha, t.seed)
         valid_mixer = NegativeMixer(pool, self.enc.popularity, neg.retrieved_ratio, neg.alpha, t.seed + 7919)
         self.valid = validation_examples(self.enc, valid_mixer, neg.valid_per_positive)
@@ -124,6 +127,9 @@ class TDMTrainer:
                 raise QuiverError(
                     "train.init_from_retriever: no item feature has the retriever's name, kind and embedding_dim"
                 )
+            if t.freeze_initialised:
+                for name in self.initialised:
+                    embedding.tables[name].weight.requires_grad_(False)
         # Validation of the goal itself: each validation user's retrieved candidates (the pool: queried with the
         # training history, training items excluded, as at validation time) reordered by TDM, NDCG@10 of the truth.
         self.valid_pool = None
@@ -132,13 +138,22 @@ class TDMTrainer:
             n = min(t.valid_rerank_users, len(q.user_row))
             self.valid_pool = (q.user_row[:n], q.hist[:n], pool[q.user_row[:n]], _head(q.truth, n))
         self.retrieval_ndcg: float | None = None
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(trainable, lr=t.lr, weight_decay=t.weight_decay)
 
     def step(self, idx: np.ndarray) -> tuple[float, int]:
-        ev, dev, k = self.enc.train, self.device, self.cfg.negatives.per_positive
+        ev, dev, neg = self.enc.train, self.device, self.cfg.negatives
+        k = neg.per_positive
+        lists = None
+        if self.clicks is not None:
+            lists, listed = self.clicks.top(idx, ev.user_row[idx], ev.item_row[idx])  # (B, K), (B,)
+            if neg.positives == "retrieved":
+                idx, lists = idx[listed], lists[listed]
+                if len(idx) == 0:
+                    return 0.0, 0
         b = len(idx)
         positive = ev.item_row[idx]  # (B,)
-        negatives = self.mixer.sample(ev.user_row[idx], positive, k)  # (B, k)
+        negatives = self.mixer.sample(ev.user_row[idx], positive, k, lists)  # (B, k)
         items = np.concatenate([positive, negatives.ravel()])  # (B + B k,): clicks first, then each click's k
         user_index = np.concatenate([np.arange(b), np.repeat(np.arange(b), k)])
         labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(b * k, dtype=torch.long)]).to(dev)
@@ -175,13 +190,14 @@ class TDMTrainer:
             order = np.random.default_rng(t.seed + epoch).permutation(n)[: t.clicks_per_epoch]
             starts = range(0, len(order), t.batch_size)  # clicks_per_epoch: only the subset, no empty batches
             bar = tqdm(starts, desc=f"tdm epoch {epoch + 1}/{t.epochs}", disable=not t.progress)
-            loss_sum, seen = 0.0, 0
+            loss_sum, seen, steps = 0.0, 0, 0
             for i, s in enumerate(bar):
                 loss, m = self.step(order[s : s + t.batch_size])
-                loss_sum, seen = loss_sum + loss, seen + m
+                if m:  # a step with no click left to train on (positives: retrieved) does not count
+                    loss_sum, seen, steps = loss_sum + loss, seen + m, steps + 1
                 if i % 20 == 0:
-                    bar.set_postfix(loss=f"{loss_sum / (i + 1):.4f}")
-            entry: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / max(len(starts), 1), "examples": seen}
+                    bar.set_postfix(loss=f"{loss_sum / max(steps, 1):.4f}")
+            entry: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / max(steps, 1), "examples": seen}
             valid = self.validate()
             entry |= {f"valid_{k}": v for k, v in valid.items()}
             score = valid.get(t.valid_metric, -entry["loss"])  # no validation split: lowest loss wins
