@@ -31,7 +31,14 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as `python bench/index.py`: the repo's packages come first
 
-from index.factory import empty_index, gpu_available, parse_spec, set_search_params, use_all_cores  # noqa: E402
+from index.factory import (  # noqa: E402
+    HNSW_EF_CONSTRUCTION,
+    empty_index,
+    gpu_available,
+    parse_spec,
+    set_search_params,
+    use_all_cores,
+)
 from index.quality import recall  # noqa: E402
 
 K = 100
@@ -50,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--centres", type=int, default=2000, help="mixture components")
     p.add_argument("--spread", type=float, default=0.6, help="noise norm around a centre (centres have norm 1)")
     p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--ef-construction", type=int, default=40)
+    p.add_argument("--ef-construction", type=int, default=HNSW_EF_CONSTRUCTION, help="HNSW build breadth (%(default)s)")
     p.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="artifacts/bench/index")
@@ -167,8 +174,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         return index
 
     def hnsw() -> faiss.Index:
-        index = empty_index(parse_spec(f"HNSW{args.hnsw_m}"), dim, ip)
-        faiss.downcast_index(index.index).hnsw.efConstruction = args.ef_construction
+        index = empty_index(parse_spec(f"HNSW{args.hnsw_m}", ef_construction=args.ef_construction), dim, ip)
         add_in_chunks(index, x, f"HNSW{args.hnsw_m} add")
         return index
 

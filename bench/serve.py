@@ -45,6 +45,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from index.factory import HNSW_EF_CONSTRUCTION
 from models.bundle import resolve_version
 from models.errors import QuiverError
 
@@ -84,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="HNSW efSearch served (0: let quiver-index tune it to --recall-floor; the briefly trained model's "
         "near-duplicate item vectors keep HNSW32 below 0.95 even at 2048, so the default is the index benchmark's "
         "setting for recall 0.96 on clustered 1M-item vectors, and the recall reached here is reported)",
+    )
+    d.add_argument(
+        "--ef-construction", type=int, default=HNSW_EF_CONSTRUCTION, help="HNSW build breadth (quiver-index's default)"
     )
     d.add_argument("--recall-floor", type=float, default=0.95, help="index build's recall@100 floor")
     d.add_argument("--train-minutes", type=float, default=3.0, help="DSSM training cap (after the epoch crossing it)")
@@ -159,8 +163,11 @@ class Layout:
         self.data = out / "data" / name
         self.dssm_cfg, self.tdm_cfg = self.configs()
         self.root = out / f"{name}-{_digest(self._keyed(self.dssm_cfg))}"  # QUIVER_ARTIFACTS
-        self.ef_search = args.ef_search if args.index.upper().startswith("HNSW") else 0
+        self.hnsw = args.index.upper().startswith("HNSW")
+        self.ef_search = args.ef_search if self.hnsw else 0
         index_key = {"index": args.index, "ef_search": self.ef_search, "recall_floor": args.recall_floor}
+        if self.hnsw:  # the graph's build breadth (keys written before it was a setting meant FAISS's 40)
+            index_key["ef_construction"] = args.ef_construction
         self.index = f"{DSSM}-{_digest(index_key)}"  # QUIVER_INDEX
         self.ranker = f"{TDM}-{_digest(self._keyed(self.tdm_cfg))}"  # QUIVER_RANKER
         self.dssm_cfg["output"] = {"root": str(self.root / "models"), "name": DSSM}
@@ -292,6 +299,8 @@ def prepare(args: argparse.Namespace, lay: Layout) -> dict[str, Any]:
     if latest(root / "indexes" / lay.index, "CURRENT") is None:
         cmd = [venv_tool("quiver-index"), "build", "--model", str(root / "models" / DSSM), "--name", lay.index]
         cmd += ["--out", str(root / "indexes"), "--index", args.index, "--recall-floor", str(args.recall_floor)]
+        if lay.hnsw:
+            cmd += ["--ef-construction", str(args.ef_construction)]
         if lay.ef_search:
             cmd += ["--ef-search", str(lay.ef_search), "--allow-low-recall"]
         seconds, _ = run_step(cmd, f"{args.index} index over the catalog")

@@ -81,6 +81,7 @@ def build_key(
     return {
         "model": {"name": bundle.name, "version": bundle.version},
         "factory": spec.factory,
+        "params": spec.params,  # build parameters the factory string does not carry (HNSW efConstruction)
         "search": search or "auto",
         "quality": {"floor": floor, "k": k, "queries": queries, "seed": seed},
     }
@@ -130,6 +131,7 @@ def build(
     factory: str = DEFAULT_FACTORY,
     name: str | None = None,
     floor: float = DEFAULT_FLOOR,
+    ef_construction: int | None = None,
     allow_low_recall: bool = False,
     search: dict[str, int] | None = None,
     keep: int = DEFAULT_KEEP,
@@ -150,7 +152,7 @@ def build(
     if not isinstance(dim, int) or dim < 1:
         raise QuiverError(f"{manifest_path}: embedding_dim {dim!r} is not a positive integer")
     metric = metric_for(str(bundle.manifest.get("similarity")))
-    spec = parse_spec(factory, dim)
+    spec = parse_spec(factory, dim, ef_construction)
     search = validate_search(spec, search)
     if not 0.0 <= floor <= 1.0:
         raise QuiverError(f"recall floor {floor} is not within [0, 1]")

@@ -62,6 +62,7 @@ def cmd_build(args: argparse.Namespace) -> None:
         floor=args.recall_floor,
         allow_low_recall=args.allow_low_recall,
         search=_search_params(args),
+        ef_construction=args.ef_construction,
         keep=args.keep,
         redis_url=redis_url(),
         num_queries=args.queries,
@@ -81,6 +82,7 @@ def cmd_rebuild(args: argparse.Namespace) -> None:
         model=args.model,
         factory=args.index,
         search=_search_params(args),
+        ef_construction=args.ef_construction,
         floor=args.recall_floor,
         allow_low_recall=args.allow_low_recall,
         keep=args.keep,
@@ -216,6 +218,9 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--allow-low-recall", action="store_true", help="publish even below the recall floor")
         s.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default: tuned)")
         s.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: tuned)")
+        s.add_argument(
+            "--ef-construction", type=int, default=None, help="HNSW build breadth (default: 200; rebuild: the current)"
+        )
         s.add_argument("--keep", type=int, default=3, help="published versions kept (default %(default)s)")
         s.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
         s.add_argument("--no-progress", action="store_true")

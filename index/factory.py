@@ -30,6 +30,10 @@ _PATTERNS: list[tuple[Kind, re.Pattern[str]]] = [
     ("ivf_pq", re.compile(r"IVF(?P<nlist>\d+),PQ(?P<m>\d+)(x(?P<nbits>\d+))?")),
 ]
 SUPPORTED = "Flat, HNSW{M}[,Flat], IVF{nlist},Flat, IVF{nlist},PQ{m}[x{bits}]"
+# Candidates an HNSW insertion explores. FAISS defaults to 40; on clustered item vectors (a trained tower's) 200 gives
+# a graph that reaches the same recall@100 with far fewer visits: measured on the serve benchmark's 300k DSSM vectors,
+# efSearch 128 reaches 0.855 at 200 vs 0.759 at 40, and is faster per query (0.075 vs 0.113 ms), for 3x the build.
+HNSW_EF_CONSTRUCTION = 200
 METRICS = {"inner_product": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
@@ -39,7 +43,7 @@ class IndexSpec:
 
     factory: str  # canonical form, e.g. "HNSW32,Flat"
     kind: Kind
-    params: dict[str, int] = field(default_factory=dict)  # M | nlist (+ m, nbits)
+    params: dict[str, int] = field(default_factory=dict)  # M, efConstruction | nlist (+ m, nbits)
 
     @property
     def needs_training(self) -> bool:
@@ -70,8 +74,9 @@ class IndexSpec:
         return []
 
 
-def parse_spec(factory: str, dim: int | None = None) -> IndexSpec:
-    """Validate a factory string (and, given the dimension, its PQ split); raise QuiverError naming the problem."""
+def parse_spec(factory: str, dim: int | None = None, ef_construction: int | None = None) -> IndexSpec:
+    """Validate a factory string (and, given the dimension, its PQ split); raise QuiverError naming the problem.
+    ef_construction: HNSW's build breadth (default HNSW_EF_CONSTRUCTION); other layouts refuse it."""
     text = factory.replace(" ", "")
     for kind, pattern in _PATTERNS:
         m = pattern.fullmatch(text)
@@ -82,6 +87,11 @@ def parse_spec(factory: str, dim: int | None = None) -> IndexSpec:
             text = f"HNSW{params['M']},Flat"
             if not 4 <= params["M"] <= 256:
                 raise QuiverError(f"index {factory!r}: HNSW M must be between 4 and 256")
+            params["efConstruction"] = HNSW_EF_CONSTRUCTION if ef_construction is None else ef_construction
+            if params["efConstruction"] < 1:
+                raise QuiverError(f"efConstruction must be at least 1, got {params['efConstruction']}")
+        elif ef_construction is not None:
+            raise QuiverError(f"index {factory!r}: efConstruction is an HNSW build parameter, this layout has none")
         if kind in ("ivf_flat", "ivf_pq") and params["nlist"] < 1:
             raise QuiverError(f"index {factory!r}: IVF nlist must be at least 1")
         if kind == "ivf_pq":
@@ -93,6 +103,17 @@ def parse_spec(factory: str, dim: int | None = None) -> IndexSpec:
                 raise QuiverError(f"index {factory!r}: PQ{params['m']} does not divide the embedding dimension {dim}")
         return IndexSpec(text, kind, params)
     raise QuiverError(f"index {factory!r}: unknown factory string (supported: {SUPPORTED})")
+
+
+def unwrapped(index: faiss.Index) -> faiss.Index:
+    """The index under an IDMap wrapper (the index itself when it has none)."""
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+
+def ef_construction_of(index: faiss.Index) -> int | None:
+    """The efConstruction an HNSW index (bare or in its IDMap) was built with; None for other layouts."""
+    inner = unwrapped(index)
+    return int(inner.hnsw.efConstruction) if isinstance(inner, faiss.IndexHNSW) else None
 
 
 def metric_for(similarity: str) -> int:
@@ -124,7 +145,9 @@ def empty_index(spec: IndexSpec, dim: int, metric: int) -> faiss.Index:
     if spec.kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlat(dim, metric))
     if spec.kind == "hnsw":
-        return faiss.IndexIDMap2(faiss.IndexHNSWFlat(dim, spec.params["M"], metric))
+        hnsw = faiss.IndexHNSWFlat(dim, spec.params["M"], metric)
+        hnsw.hnsw.efConstruction = spec.params["efConstruction"]
+        return faiss.IndexIDMap2(hnsw)
     index = faiss.index_factory(dim, spec.factory, metric)
     ivf = faiss.downcast_index(index)
     # FAISS prints its "please provide at least N training points" warning straight to stderr, which would break

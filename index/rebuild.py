@@ -15,7 +15,7 @@ from typing import Any
 
 from index.build import DEFAULT_FACTORY, BuildResult, build
 from index.bundle import read_index_manifest, resolve_index
-from index.factory import parse_spec
+from index.factory import IndexSpec, parse_spec
 from index.publish import DEFAULT_KEEP, intact
 from index.quality import DEFAULT_FLOOR
 from models.bundle import LATEST, load_bundle, read_manifest, resolve_bundle
@@ -51,11 +51,12 @@ class RebuildReport:
     failed: list[tuple[Path, str]] = field(default_factory=list)  # (model folder, one-line reason)
 
 
-def _up_to_date(current: dict[str, Any] | None, model_version: str, factory: str, wanted: dict[str, int]) -> bool:
+def _up_to_date(current: dict[str, Any] | None, model_version: str, spec: IndexSpec, wanted: dict[str, int]) -> bool:
     return (
         current is not None
         and current["model"]["version"] == model_version
-        and current["index"]["factory"] == factory
+        and current["index"]["factory"] == spec.factory
+        and current["index"].get("params") == spec.params
         and (not wanted or wanted == current["index"].get("search"))
     )
 
@@ -66,6 +67,7 @@ def rebuild(
     model: str | None = None,
     factory: str | None = None,
     search: dict[str, int] | None = None,
+    ef_construction: int | None = None,
     floor: float = DEFAULT_FLOOR,
     allow_low_recall: bool = False,
     keep: int = DEFAULT_KEEP,
@@ -87,12 +89,15 @@ def rebuild(
             name = str(manifest["name"])
             parent = Path(out_root) / name
             current, ok = _current(parent)
-            chosen = parse_spec(factory or (current["index"]["factory"] if current else DEFAULT_FACTORY)).factory
+            ef = ef_construction
+            if ef is None and current and not factory:  # the current index's build breadth, like its layout
+                ef = current["index"].get("params", {}).get("efConstruction")
+            spec = parse_spec(factory or (current["index"]["factory"] if current else DEFAULT_FACTORY), None, ef)
             wanted = {k: v for k, v in (search or {}).items() if v is not None}
             if not wanted and current and not factory:
                 requested = current.get("build", {}).get("key", {}).get("search")
                 wanted = requested if isinstance(requested, dict) else {}
-            if ok and current is not None and _up_to_date(current, str(manifest["version"]), chosen, wanted):
+            if ok and current is not None and _up_to_date(current, str(manifest["version"]), spec, wanted):
                 report.results.append(BuildResult(resolve_index(parent), current["version"], "up_to_date", current))
                 continue
             bundle = load_bundle(path)
@@ -100,8 +105,9 @@ def rebuild(
                 build(
                     bundle.path,
                     out_root,
-                    chosen,
+                    spec.factory,
                     name=name,
+                    ef_construction=spec.params.get("efConstruction"),
                     floor=floor,
                     allow_low_recall=allow_low_recall,
                     search=wanted,

@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 
 from index.bundle import IndexBundle
+from index.factory import unwrapped
 from models.errors import QuiverError
 
 
@@ -46,7 +47,7 @@ class _Knob:
     it is asked for (efSearch >= width), IVF probes 4x more lists per retry, up to all of them (then it is exact)."""
 
     def __init__(self, index: faiss.Index) -> None:
-        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+        inner = unwrapped(index)
         self.hnsw = inner.hnsw if isinstance(inner, faiss.IndexHNSW) else None
         self.ivf = faiss.try_extract_index_ivf(index)
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from index.build import BuildResult, catalog_ids, checked_ids
 from index.bundle import IndexBundle, check_model, ids_array, load_index, write_files
-from index.factory import Builder, IndexSpec, parse_spec, use_all_cores
+from index.factory import Builder, IndexSpec, ef_construction_of, parse_spec, use_all_cores
 from index.publish import DEFAULT_KEEP, commit, point_current, staging
 from index.quality import ExactTopK, check_floor, measure, query_vectors
 from models.bundle import ModelBundle, load_bundle
@@ -147,7 +147,8 @@ def upsert(
     started = time.perf_counter()
     use_all_cores(threads)
     manifest = parent.manifest
-    spec = parse_spec(manifest["index"]["factory"], parent.dim)
+    # an HNSW graph is rebuilt with the breadth the published one was built with, read off the index itself
+    spec = parse_spec(manifest["index"]["factory"], parent.dim, ef_construction_of(parent.index))
     metric = parent.index.metric_type
     delta_ids = ids_array(delta.column("item_id").to_pylist())
     vectors = np.concatenate([v for _, v in item_vectors(bundle, items=delta, batch=batch, progress=progress)])

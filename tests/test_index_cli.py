@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -193,6 +194,33 @@ def test_rebuild_is_idempotent(capsys: pytest.CaptureFixture, model: ModelBundle
     assert load_index(out / "tiny", model_version=newer.name).index.ntotal == 900
     code, _, err = _run(capsys, "rebuild", "--models", str(tmp_path / "none"), "--out", str(out))
     assert code == 2 and "no such models folder" in _one_error_line(err)
+
+
+def test_hnsw_build_breadth_is_recorded_kept_by_rebuild_and_by_upsert(
+    capsys: pytest.CaptureFixture, model: ModelBundle, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    _copy_model(model, models, model.items)
+    out = tmp_path / "indexes"
+    args = ["rebuild", "--models", str(models), "--out", str(out), "--no-progress", "--threads", "1"]
+    code, (first,), _ = _run(capsys, *args, "--index", "HNSW16", "--ef-construction", "64")
+    assert code == 0 and first["status"] == "built"
+    published = load_index(out / "tiny")
+    assert published.manifest["index"]["params"] == {"M": 16, "efConstruction": 64}
+    assert faiss.downcast_index(published.index.index).hnsw.efConstruction == 64  # the graph was built with it
+    code, (same,), _ = _run(capsys, *args)  # keeps the current breadth, like the current layout
+    assert code == 0 and same["status"] == "up_to_date" and same["version"] == first["version"]
+    code, (wider,), _ = _run(capsys, *args, "--ef-construction", "100")  # another graph: another version
+    assert code == 0 and wider["status"] == "built" and wider["version"] != first["version"]
+    # An upsert rebuilds the HNSW graph with the breadth the published one has.
+    delta = tmp_path / "delta.parquet"
+    pq.write_table(_changed(model.items, [3, 7]), delta)
+    code, _, _ = _run(capsys, "add", "--index", str(out / "tiny"), "--items", str(delta),
+                             "--models", str(models), "--no-progress", "--allow-low-recall")  # fmt: skip
+    assert code == 0
+    assert faiss.downcast_index(load_index(out / "tiny").index.index).hnsw.efConstruction == 100
+    code, _, err = _run(capsys, *args, "--index", "IVF16,Flat", "--ef-construction", "64")
+    assert code == 2 and "efConstruction is an HNSW build parameter" in _one_error_line(err)
 
 
 def test_rebuild_through_the_console_entry_point(model: ModelBundle, tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ import faiss
 import numpy as np
 import pytest
 
-from index.factory import build_index, empty_index, metric_for, parse_spec
+from index.factory import build_index, ef_construction_of, empty_index, metric_for, parse_spec
 from models.errors import QuiverError
 
 
@@ -12,8 +12,8 @@ from models.errors import QuiverError
     ("text", "factory", "kind", "params"),
     [
         ("Flat", "Flat", "flat", {}),
-        ("HNSW32", "HNSW32,Flat", "hnsw", {"M": 32}),
-        (" HNSW16, Flat ", "HNSW16,Flat", "hnsw", {"M": 16}),
+        ("HNSW32", "HNSW32,Flat", "hnsw", {"M": 32, "efConstruction": 200}),
+        (" HNSW16, Flat ", "HNSW16,Flat", "hnsw", {"M": 16, "efConstruction": 200}),
         ("IVF100,Flat", "IVF100,Flat", "ivf_flat", {"nlist": 100}),
         ("IVF64,PQ8", "IVF64,PQ8x8", "ivf_pq", {"nlist": 64, "m": 8, "nbits": 8}),
         ("IVF64,PQ8x4", "IVF64,PQ8x4", "ivf_pq", {"nlist": 64, "m": 8, "nbits": 4}),
@@ -41,6 +41,17 @@ def test_refusals_are_one_line(text: str, message: str) -> None:
     with pytest.raises(QuiverError, match=message) as err:
         parse_spec(text, dim=32)
     assert "\n" not in str(err.value)
+
+
+def test_hnsw_build_breadth_is_a_recorded_parameter() -> None:
+    spec = parse_spec("HNSW16", ef_construction=64)
+    assert spec.params == {"M": 16, "efConstruction": 64} and spec != parse_spec("HNSW16")
+    index = empty_index(spec, 8, faiss.METRIC_INNER_PRODUCT)
+    assert ef_construction_of(index) == 64 and ef_construction_of(empty_index(parse_spec("Flat"), 8, 0)) is None
+    with pytest.raises(QuiverError, match="efConstruction is an HNSW build parameter"):
+        parse_spec("IVF64,Flat", ef_construction=64)
+    with pytest.raises(QuiverError, match="efConstruction must be at least 1"):
+        parse_spec("HNSW16", ef_construction=0)
 
 
 def test_knob_and_sweep() -> None:

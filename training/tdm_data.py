@@ -77,12 +77,18 @@ def retrieve(
         e = min(s + chunk, users.num_rows)
         u, mask = user_vectors(retriever, users.slice(s, e - s), histories[s:e])  # (c, K, D), (c, K)
         sub = Csr(exclude.indptr[s : e + 1] - exclude.indptr[s], exclude.indices[exclude.indptr[s] : exclude.indptr[e]])
-        if u.shape[1] == 1:
-            _, top = top_k_items(u[:, 0], items_t, sub, k)
-        else:
-            _, top = top_k_items(u, items_t, sub, k, interest_mask=mask)
-        out[s:e] = top
+        out[s:e] = merged_top_k(u, mask, items_t, sub, k)[1]
     return out
+
+
+def merged_top_k(
+    u: torch.Tensor, mask: torch.Tensor, items: torch.Tensor, exclude: Csr, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B, K, D) interest vectors and their (B, K) mask -> scores and catalog rows (B, k) of the merged top-k (each
+    item by its best active interest), best first; one-vector models take the plain matmul."""
+    if u.shape[1] == 1:
+        return top_k_items(u[:, 0], items, exclude, k)
+    return top_k_items(u, items, exclude, k, interest_mask=mask)
 
 
 def training_pool(retriever: ModelBundle, enc: EncodedData, train_ts: np.ndarray, k: int, shuffle: bool) -> np.ndarray:
@@ -135,11 +141,7 @@ class ClickRetrieval:
         """Clicks idx -> their lists (B, k) of catalog rows, best first, -1 padding (the user's clicks never
         appear), and (B,) whether each click's own item would have been in its list."""
         u, mask = self.vectors[idx], self.mask[idx]  # (B, K, D), (B, K)
-        exclude = take_rows(self.seen, user_row)
-        if u.shape[1] == 1:
-            scores, rows = top_k_items(u[:, 0], self.items, exclude, self.k)
-        else:
-            scores, rows = top_k_items(u, self.items, exclude, self.k, interest_mask=mask)
+        scores, rows = merged_top_k(u, mask, self.items, take_rows(self.seen, user_row), self.k)
         with torch.no_grad():
             s = torch.einsum("bkd,bd->bk", u, self.items[torch.from_numpy(positive)])  # (B, K)
             s_pos = s.masked_fill(~mask, float("-inf")).amax(1).numpy()  # (B,) the merge's score of the click
