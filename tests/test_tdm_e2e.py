@@ -113,6 +113,20 @@ def test_retrieved_positives_train_only_on_the_clicks_their_list_holds(click_tra
     assert np.isfinite(result.metrics["history"][0]["loss"]) and result.metrics["history"][0]["examples"] > 0
 
 
+def test_rerank_validation_is_a_random_subset_of_validation_users(trained: dict) -> None:
+    cfg = json.loads(json.dumps(trained["cfg"]))
+    cfg["train"] |= {"epochs": 1, "valid_rerank_users": 40}
+    trainer = TDMTrainer(parse_tdm_config(cfg, "test"))
+    assert trainer.valid_pool is not None and trainer.enc.valid is not None
+    users, hist, cands, truth = trainer.valid_pool
+    q = trainer.enc.valid
+    assert len(users) == 40 < len(q.user_row) and not np.array_equal(users, q.user_row[:40])  # not the head
+    row = {int(u): i for i, u in enumerate(q.user_row)}
+    for j, u in enumerate(users.tolist()):  # each picked user keeps its own history, candidates and truth
+        assert np.array_equal(hist[j], q.hist[row[u]]) and np.array_equal(truth.row(j), q.truth.row(row[u]))
+        assert np.array_equal(cands[j], trainer.mixer.pool[u])
+
+
 def test_csr_rows_and_columns_for_every_row() -> None:
     c = Csr.from_pairs(np.array([0, 0, 2]), np.array([5, 1, 3]), 3)
     taken = take_rows(c, np.array([2, 0, 2, 1]))

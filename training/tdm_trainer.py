@@ -24,9 +24,9 @@ from models.tdm import TDM, click_loss, history_item_features
 from training.auc import auc, grouped_auc
 from training.data.load import load_data
 from training.examples import EncodedData, encode
-from training.ranking import Csr, full_ranking_metrics
+from training.ranking import full_ranking_metrics
 from training.tdm_config import TDMTrainingConfig
-from training.tdm_data import ClickRetrieval, Examples, NegativeMixer, training_pool, validation_examples
+from training.tdm_data import ClickRetrieval, Examples, NegativeMixer, take_rows, training_pool, validation_examples
 from training.trainer import pick_device, seed_everything, write_bundle
 
 
@@ -136,7 +136,10 @@ class TDMTrainer:
         if pool is not None and self.enc.valid is not None:
             q = self.enc.valid
             n = min(t.valid_rerank_users, len(q.user_row))
-            self.valid_pool = (q.user_row[:n], q.hist[:n], pool[q.user_row[:n]], _head(q.truth, n))
+            # a seeded random subset, not the first n: validation users are in user-row order, and on Beauty the
+            # first 2,000 of them score half the retrieval NDCG@10 of all 5,000 (0.027 vs 0.048)
+            pick = np.sort(np.random.default_rng(t.seed).choice(len(q.user_row), n, replace=False))
+            self.valid_pool = (q.user_row[pick], q.hist[pick], pool[q.user_row[pick]], take_rows(q.truth, pick))
         self.retrieval_ndcg: float | None = None
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(trainable, lr=t.lr, weight_decay=t.weight_decay)
@@ -218,11 +221,6 @@ class TDMTrainer:
     def save(self, metrics: dict[str, Any]) -> Path:
         extra = {"retriever_version": self.retriever_version, "initialised_from_retriever": self.initialised}
         return write_bundle(self, extra | {"metrics": metrics})
-
-
-def _head(c: Csr, n: int) -> Csr:
-    """The first n rows of a Csr."""
-    return Csr(c.indptr[: n + 1], c.indices[: c.indptr[n]])
 
 
 @torch.no_grad()
