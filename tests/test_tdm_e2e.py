@@ -20,7 +20,7 @@ from training.cli import main
 from training.config import parse_config
 from training.ranking import Csr
 from training.tdm_config import parse_tdm_config
-from training.tdm_data import NegativeMixer, catalog_vectors, exclude_also, row_ids, take_rows
+from training.tdm_data import NegativeMixer, catalog_vectors, exclude_also, row_ids
 from training.tdm_trainer import TDMTrainer, copy_embeddings, tdm_user_batch
 from training.trainer import fit
 
@@ -129,7 +129,7 @@ def test_rerank_validation_is_a_random_subset_of_validation_users(trained: dict)
 
 def test_csr_rows_and_columns_for_every_row() -> None:
     c = Csr.from_pairs(np.array([0, 0, 2]), np.array([5, 1, 3]), 3)
-    taken = take_rows(c, np.array([2, 0, 2, 1]))
+    taken = c.take(np.array([2, 0, 2, 1]))
     assert [taken.row(i).tolist() for i in range(4)] == [[3], [1, 5], [3], []]
     wider = exclude_also(c, np.array([7, 1]))
     assert [wider.row(i).tolist() for i in range(3)] == [[1, 5, 7], [1, 7], [1, 3, 7]]

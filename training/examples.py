@@ -181,6 +181,14 @@ def encode(raw: RawData, encoder: FeatureEncoder, data: DataConfig, valid_users:
     )
 
 
+def subsample(q: Queries, limit: int | None, seed: int = 0) -> Queries:
+    """At most `limit` query users (seeded, order kept)."""
+    if limit is None or len(q.user_row) <= limit:
+        return q
+    keep = np.sort(np.random.default_rng(seed).choice(len(q.user_row), limit, replace=False))
+    return Queries(q.user_row[keep], q.hist[keep], q.truth.take(keep), q.exclude.take(keep))
+
+
 def history_now(
     seen: tuple[np.ndarray, np.ndarray, np.ndarray], query_users: np.ndarray, length: int, shuffle: bool
 ) -> np.ndarray:

@@ -62,6 +62,13 @@ class Csr:
     def row_lengths(self) -> np.ndarray:
         return np.diff(self.indptr)  # (n_rows,)
 
+    def take(self, rows: np.ndarray) -> Csr:
+        """The rows `rows`, in that order (a row may repeat)."""
+        lengths = self.row_lengths()[rows]  # (B,)
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        flat = np.repeat(self.indptr[:-1][rows] - indptr[:-1], lengths) + np.arange(indptr[-1])  # into indices
+        return Csr(indptr, self.indices[flat])
+
 
 def _check_top_k_inputs(
     user_vecs: torch.Tensor, interest_mask: torch.Tensor | None, item_vecs: torch.Tensor, exclude: Csr, k: int

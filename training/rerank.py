@@ -13,28 +13,14 @@ from models.bundle import ModelBundle, load_bundle
 from models.errors import QuiverError
 from models.rank import ranker_model, retriever_model
 from training.data.load import load_data
-from training.examples import EncodedData, Queries, encode
-from training.ranking import Csr, full_ranking_metrics
+from training.examples import EncodedData, Queries, encode, subsample
+from training.ranking import full_ranking_metrics
 from training.report import write_report
 from training.tdm_config import parse_tdm_config
 from training.tdm_data import retrieve, row_ids
 from training.tdm_trainer import score_candidates
 
 CURVE_KS = (1, 5, 10, 20, 50, 100, 200)
-
-
-def subsample(q: Queries, limit: int | None, seed: int = 0) -> Queries:
-    """At most `limit` query users (seeded, order kept)."""
-    if limit is None or len(q.user_row) <= limit:
-        return q
-    keep = np.sort(np.random.default_rng(seed).choice(len(q.user_row), limit, replace=False))
-
-    def rows(c: Csr) -> Csr:
-        lengths = c.row_lengths()[keep]
-        idx = np.concatenate([c.row(int(i)) for i in keep]) if len(keep) else np.zeros(0, np.int64)
-        return Csr(np.concatenate([[0], np.cumsum(lengths)]), idx)
-
-    return Queries(q.user_row[keep], q.hist[keep], rows(q.truth), rows(q.exclude))
 
 
 def rerank_candidates(

@@ -100,14 +100,6 @@ def training_pool(retriever: ModelBundle, enc: EncodedData, train_ts: np.ndarray
     return retrieve(retriever, enc.users, row_ids(enc.items, hist), enc.items, exclude, k)
 
 
-def take_rows(c: Csr, rows: np.ndarray) -> Csr:
-    """The rows `rows` of a Csr, in that order (a row may repeat)."""
-    lengths = c.row_lengths()[rows]  # (B,)
-    indptr = np.concatenate([[0], np.cumsum(lengths)])
-    flat = np.repeat(c.indptr[:-1][rows] - indptr[:-1], lengths) + np.arange(indptr[-1])  # (nnz,) into c.indices
-    return Csr(indptr, c.indices[flat])
-
-
 class ClickRetrieval:
     """What the retriever shows at the moment of each training click: its top `k` for the history that click saw.
 
@@ -141,7 +133,7 @@ class ClickRetrieval:
         """Clicks idx -> their lists (B, k) of catalog rows, best first, -1 padding (the user's clicks never
         appear), and (B,) whether each click's own item would have been in its list."""
         u, mask = self.vectors[idx], self.mask[idx]  # (B, K, D), (B, K)
-        scores, rows = merged_top_k(u, mask, self.items, take_rows(self.seen, user_row), self.k)
+        scores, rows = merged_top_k(u, mask, self.items, self.seen.take(user_row), self.k)
         with torch.no_grad():
             s = torch.einsum("bkd,bd->bk", u, self.items[torch.from_numpy(positive)])  # (B, K)
             s_pos = s.masked_fill(~mask, float("-inf")).amax(1).numpy()  # (B,) the merge's score of the click
