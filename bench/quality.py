@@ -8,7 +8,8 @@ in the same run. Prints one JSON line; writes report.json and recall_at_k.png be
 Goals: ML-1M NCF (issue #2) HR@10 >= 0.70 on the sampled protocol (test item vs its 99 fixed negatives) with under
 15 minutes of training on a 2-core machine; MIND on Beauty (issue #3) full-ranking HR@20 >= 0.08 and above the DSSM
 baseline; DAT on ML-1M at least level with DSSM. A config with a baseline trains both, one after the other, with the
-same --max-minutes budget each.
+same --max-minutes budget each. With a baseline, `paired` holds model − baseline per metric over the same test users
+with its paired standard error and 95% interval (training.compare); `pass` stays the plain comparison of the means.
 """
 
 import argparse
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.errors import QuiverError
+from training.compare import load_per_user, pairable, paired_difference
 from training.config import load_config
 from training.data.readers import data_root
 from training.evaluate import evaluate_bundle
@@ -109,6 +111,10 @@ def main() -> int:
         metric = goal["metric"] if goal is not None else headline
         line["ratio_to_baseline"] = round(model[metric] / base[metric], 3) if base[metric] else None
         line["ratio_to_baseline_of"] = f"{metric} model / baseline"
+        # Per-user differences on the same test users: is the gap larger than the split's noise?
+        mine, theirs = load_per_user(out), load_per_user(base_run["out"])
+        paired_metrics = [m for m in (metric, "sampled_NDCG@10", "HR@20") if m in model and m in base and pairable(m)]
+        line["paired"] = {m: paired_difference(mine, theirs, m) for m in dict.fromkeys(paired_metrics)}
     if goal is not None:
         line["goal"] = goal
         value = model[goal["metric"]]

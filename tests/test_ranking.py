@@ -9,10 +9,12 @@ import torch
 from models.errors import QuiverError
 from training.ranking import (
     Csr,
+    first_hit_ranks,
     full_ranking_metrics,
     popularity_scores,
     popularity_top_k,
     sampled_metrics,
+    sampled_ranks,
     top_k_items,
 )
 
@@ -64,6 +66,18 @@ def test_full_ranking_metrics_hand_computed() -> None:
     assert got["Recall@3"] == pytest.approx(2 / 3)
     assert got["HR@3"] == pytest.approx(2 / 3)
     assert got["NDCG@3"] == pytest.approx(0.5168835, abs=1e-6)
+
+
+def test_first_hit_ranks_hand_computed() -> None:
+    # Same rankings as above: user 0's first truth item (4) is at rank 1; user 1 has none ranked -> kmax + 1 = 4;
+    # user 2's is at rank 2; user 3 has no truth at all -> 4.
+    top = np.array([[4, 2, 1], [0, 2, 3], [6, 5, -1], [1, 2, 3]])
+    truth = Csr.from_pairs(np.array([0, 0, 1, 2]), np.array([1, 4, 7, 5]), n_rows=4)
+    ranks = first_hit_ranks(top, truth)
+    assert ranks.tolist() == [1, 4, 2, 4]
+    # HR@K is the share of users (with truth) whose first hit is within K.
+    for k in (1, 2, 3):
+        assert np.mean(ranks[:3] <= k) == pytest.approx(full_ranking_metrics(top, truth, [k])[f"HR@{k}"])
 
 
 def test_full_ranking_metrics_perfect_ranking_with_more_truth_than_k() -> None:
@@ -217,6 +231,7 @@ def test_sampled_metrics_ties_count_against_the_positive() -> None:
     got_k2 = sampled_metrics(pos, neg, k=2)  # rank 3 now misses
     assert got_k2["HR@2"] == pytest.approx(1 / 3)
     assert got_k2["NDCG@2"] == pytest.approx(1 / 3)
+    assert sampled_ranks(pos, neg).tolist() == [3, 1, 4]
 
 
 # ---- popularity baseline ------------------------------------------------------------------------------------------

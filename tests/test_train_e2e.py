@@ -10,8 +10,9 @@ import torch
 from models.bundle import load_bundle
 from models.errors import QuiverError
 from tests.conftest import tiny_config
+from training.compare import load_per_user, paired_difference
 from training.config import parse_config
-from training.evaluate import evaluate_bundle, model_metrics
+from training.evaluate import evaluate_bundle, score_queries
 from training.examples import encode, uniform_negatives
 from training.trainer import Trainer, fit
 
@@ -28,6 +29,14 @@ def test_dssm_beats_popularity_in_full_ranking(demo_dir: Path, tmp_path: Path) -
     saved = json.loads((out / "report.json").read_text())
     assert saved["model"]["Recall@20"] == model["Recall@20"]
     assert (out / "recall_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The per-user ranks behind the report's hit rates, for paired comparisons.
+    per_user = load_per_user(out)
+    assert len(per_user["user_id"]) == model["users"] and len(set(per_user["user_id"].tolist())) == model["users"]
+    for k in (20, 50):
+        assert np.mean(per_user["hit_rank"] <= k) == pytest.approx(model[f"HR@{k}"])
+    assert "sampled_rank" not in per_user  # the demo data has no negatives file
+    same = paired_difference(per_user, per_user, "HR@20")
+    assert same["diff"] == 0 and same["se"] == 0 and same["users"] == model["users"]
 
 
 def test_best_epoch_is_what_the_bundle_holds(demo_dir: Path, tmp_path: Path) -> None:
@@ -40,7 +49,7 @@ def test_best_epoch_is_what_the_bundle_holds(demo_dir: Path, tmp_path: Path) -> 
     # The saved weights reproduce the best epoch's validation score.
     bundle = load_bundle(result.bundle)
     enc = encode(trainer.raw, bundle.encoder, cfg.data, cfg.train.valid_users)
-    again = model_metrics(bundle.model, enc, enc.valid, [20], torch.device("cpu"))
+    again = score_queries(bundle.model, enc, enc.valid, [20], torch.device("cpu")).metrics
     assert np.isclose(again["Recall@20"], best["valid_Recall@20"])
 
 

@@ -1,6 +1,7 @@
 """Offline evaluation: full-catalog ranking (training items excluded), the sampled protocol where a negatives file
 exists, and the popularity baseline on the same queries in the same run."""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,15 @@ from models.match import MatchModel
 from training.config import parse_config
 from training.data.load import load_data
 from training.examples import EncodedData, Queries, encode
-from training.ranking import full_ranking_metrics, popularity_top_k, sampled_metrics, top_k_items
-from training.report import write_report
+from training.ranking import (
+    first_hit_ranks,
+    full_ranking_metrics,
+    popularity_top_k,
+    sampled_metrics,
+    sampled_ranks,
+    top_k_items,
+)
+from training.report import write_per_user, write_report
 
 
 @torch.no_grad()
@@ -60,7 +68,16 @@ def union_hit_rates(
     return out
 
 
-def model_metrics(
+@dataclass
+class Scored:
+    """An evaluation's metrics and the per-user ranks behind its hit rates, for paired model comparisons."""
+
+    metrics: dict[str, float]
+    hit_rank: np.ndarray  # (Q,) 1-based rank of the first truth item in the full ranking, max(ks) + 1 when none
+    sampled_rank: np.ndarray | None  # (Q,) 1-based rank of the positive among its negatives, with a negatives file
+
+
+def score_queries(
     model: MatchModel,
     enc: EncodedData,
     q: Queries,
@@ -68,7 +85,7 @@ def model_metrics(
     device: torch.device,
     sampled_k: int = 10,
     union: bool = True,
-) -> dict[str, float]:
+) -> Scored:
     """union: also the multi-interest union hit rates (a top-k pass per interest; skipped in per-epoch validation)."""
     was_training = model.training
     model.eval()
@@ -84,6 +101,7 @@ def model_metrics(
     metrics = full_ranking_metrics(top, q.truth, ks)
     if multi and union:
         metrics |= {f"union_HR@{k}": v for k, v in union_hit_rates(users, mask, items, q, ks).items()}
+    ranks = None
     if q.negatives is not None:
         # An item's score for a multi-interest user is its best score over the active interests.
         off = torch.where(mask, 0.0, float("-inf")).to(users.dtype)  # (Q, K)
@@ -91,10 +109,10 @@ def model_metrics(
         pos = (torch.einsum("qkd,qd->qk", users, items[torch.from_numpy(first_truth)]) + off).amax(1)  # (Q,)
         neg = torch.einsum("qkd,qmd->qkm", users, items[torch.from_numpy(q.negatives)])  # (Q, K, M)
         neg = (neg + off.unsqueeze(-1)).amax(1)  # (Q, M)
-        metrics |= {
-            f"sampled_{k}": v for k, v in sampled_metrics(pos.cpu().numpy(), neg.cpu().numpy(), sampled_k).items()
-        }
-    return metrics
+        pos_np, neg_np = pos.cpu().numpy(), neg.cpu().numpy()
+        metrics |= {f"sampled_{k}": v for k, v in sampled_metrics(pos_np, neg_np, sampled_k).items()}
+        ranks = sampled_ranks(pos_np, neg_np)
+    return Scored(metrics, first_hit_ranks(top, q.truth), ranks)
 
 
 def popularity_metrics(enc: EncodedData, q: Queries, ks: list[int], sampled_k: int = 10) -> dict[str, float]:
@@ -126,7 +144,8 @@ def evaluate_bundle(bundle_path: str | Path, out_dir: str | Path | None = None) 
     if enc.test is None:
         raise QuiverError(f"data: {cfg.data.path} has no test split to evaluate")
     ks, device = cfg.eval.ks, torch.device("cpu")
-    model_m = model_metrics(bundle.model, enc, enc.test, ks, device, cfg.eval.sampled_k)
+    scored = score_queries(bundle.model, enc, enc.test, ks, device, cfg.eval.sampled_k)
+    model_m = scored.metrics
     pop_m = popularity_metrics(enc, enc.test, ks, cfg.eval.sampled_k)
     report = {
         "bundle": str(bundle.path),
@@ -141,4 +160,13 @@ def evaluate_bundle(bundle_path: str | Path, out_dir: str | Path | None = None) 
     out = Path(out_dir) if out_dir else Path("artifacts/reports") / bundle.name / bundle.version
     curves = {bundle.manifest["model_type"]: recall_curve(model_m, ks), "popularity": recall_curve(pop_m, ks)}
     write_report(out, report, curves, f"Recall@K on {raw.name} ({raw.split} test split)")
+    # Per test user (users with a held-out item), for training.compare's paired differences between two models.
+    has_truth = enc.test.truth.row_lengths() > 0
+    per_user = {
+        "user_id": np.asarray([str(x) for x in enc.user_ids.take(enc.test.user_row[has_truth]).to_pylist()]),
+        "hit_rank": scored.hit_rank[has_truth],
+    }
+    if scored.sampled_rank is not None:
+        per_user["sampled_rank"] = scored.sampled_rank[has_truth]
+    write_per_user(out, per_user)
     return report, out

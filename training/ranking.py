@@ -199,6 +199,29 @@ def _dcg_discounts(k: int) -> np.ndarray:
     return 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))  # (k,): 1/log2(rank + 1), rank 1-based
 
 
+def _truth_hits(top_items: np.ndarray, truth: Csr) -> np.ndarray:
+    """(U, kmax) bool: is each ranked item in its user's truth set? Via sorted (user, item) keys, no Python loop."""
+    n_users = top_items.shape[0]
+    n_cols = int(max(top_items.max(initial=-1), truth.indices.max(initial=-1))) + 1
+    truth_users = np.repeat(np.arange(n_users, dtype=np.int64), truth.row_lengths())
+    truth_keys = np.sort(truth_users * n_cols + truth.indices)
+    if truth_keys.size == 0:
+        return np.zeros(top_items.shape, dtype=bool)
+    top_keys = np.arange(n_users, dtype=np.int64)[:, None] * n_cols + top_items
+    pos = np.minimum(np.searchsorted(truth_keys, top_keys), truth_keys.size - 1)
+    return (truth_keys[pos] == top_keys) & (top_items >= 0)
+
+
+def first_hit_ranks(top_items: np.ndarray, truth: Csr) -> np.ndarray:
+    """(U,) int64 1-based position of each user's first truth item in its ranking, kmax + 1 when none is ranked.
+
+    HR@K of a user is first_hit_rank <= K, so two models' per-user ranks give a paired comparison of HR at any K up
+    to the ranking depth (training.compare)."""
+    top_items = np.asarray(top_items).astype(np.int64, copy=False)
+    hits = _truth_hits(top_items, truth)  # (U, kmax)
+    return np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, top_items.shape[1] + 1).astype(np.int64)
+
+
 def full_ranking_metrics(top_items: np.ndarray, truth: Csr, ks: list[int]) -> dict[str, float]:
     """Recall@K, HR@K and NDCG@K of full-catalog rankings against per-user ground-truth sets.
 
@@ -222,13 +245,7 @@ def full_ranking_metrics(top_items: np.ndarray, truth: Csr, ks: list[int]) -> di
     if not active.any():
         raise QuiverError("ranking metrics: no user has a ground-truth item; nothing to evaluate")
 
-    # Membership of each ranked item in its user's truth set via sorted (user, item) keys: (U, kmax) bool.
-    n_cols = int(max(top_items.max(initial=-1), truth.indices.max(initial=-1))) + 1
-    truth_users = np.repeat(np.arange(n_users, dtype=np.int64), n_truth)
-    truth_keys = np.sort(truth_users * n_cols + truth.indices)
-    top_keys = np.arange(n_users, dtype=np.int64)[:, None] * n_cols + top_items
-    pos = np.minimum(np.searchsorted(truth_keys, top_keys), truth_keys.size - 1)
-    hits = (truth_keys[pos] == top_keys) & (top_items >= 0)
+    hits = _truth_hits(top_items, truth)  # (U, kmax)
     hits, n_truth = hits[active], n_truth[active]
 
     discounts = _dcg_discounts(kmax)
@@ -260,10 +277,17 @@ def sampled_metrics(pos_scores: np.ndarray, neg_scores: np.ndarray, k: int = 10)
         raise QuiverError("sampled metrics: no users to evaluate")
     if k < 1:
         raise QuiverError(f"sampled metrics: k must be >= 1, got {k}")
-    rank = 1 + (neg >= pos[:, None]).sum(axis=1)  # (U,) 1-based
+    rank = sampled_ranks(pos, neg)  # (U,) 1-based
     hit = rank <= k
     ndcg = np.where(hit, 1.0 / np.log2(rank + 1.0), 0.0)
     return {f"HR@{k}": float(hit.mean()), f"NDCG@{k}": float(ndcg.mean()), "users": int(pos.size)}
+
+
+def sampled_ranks(pos_scores: np.ndarray, neg_scores: np.ndarray) -> np.ndarray:
+    """(U,) int64 1-based rank of each user's positive among itself and its M negatives; ties rank it lower."""
+    pos = np.asarray(pos_scores, dtype=np.float64)
+    neg = np.asarray(neg_scores, dtype=np.float64)
+    return 1 + (neg >= pos[:, None]).sum(axis=1)
 
 
 def popularity_scores(train_item_rows: np.ndarray, n_items: int) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""Writes an evaluation's report.json and its Recall@K plot.
+"""Writes an evaluation's report.json, its Recall@K plot and its per-user ranks.
 
-Both files are written to a temporary name in the target directory and then renamed into place, so a reader (or a
+Each file is written to a temporary name in the target directory and then renamed into place, so a reader (or a
 crashed run) never sees a half-written report.
 """
 
@@ -22,6 +22,7 @@ from models.errors import QuiverError
 
 REPORT_NAME = "report.json"
 PLOT_NAME = "recall_at_k.png"
+PER_USER_NAME = "per_user.npz"
 
 
 def _jsonable(value: Any) -> Any:
@@ -92,3 +93,14 @@ def write_report(out_dir: Path, report: dict, curves: dict[str, dict[int, float]
     _write_atomic(json_path, lambda handle: handle.write(text.encode("utf-8")))
     _write_atomic(png_path, lambda handle: figure.savefig(handle, format="png", dpi=120))
     return json_path, png_path
+
+
+def write_per_user(out_dir: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write per_user.npz (plain arrays, no pickled objects: np.load(..., allow_pickle=False) reads it back)."""
+    if any(a.dtype == object for a in arrays.values()):
+        raise QuiverError(f"report: {PER_USER_NAME} holds plain arrays only (object arrays would need pickle)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / PER_USER_NAME
+    _write_atomic(path, lambda handle: np.savez(handle, **arrays))
+    return path

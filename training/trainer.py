@@ -31,7 +31,7 @@ from training.config import Config
 from training.data.load import load_data
 from training.data.readers import data_root
 from training.data.schema import RawData
-from training.evaluate import model_metrics
+from training.evaluate import score_queries
 from training.examples import EncodedData, encode
 from training.hard_negatives import HardNegativeSampler, item_categories, read_exposures
 from training.sampler import NegativeSampler, log_q_correction
@@ -178,7 +178,7 @@ class Trainer:
         metric, _, k = self.cfg.train.valid_metric.partition("@")
         ks = sorted({int(k), *self.cfg.eval.ks}) if not metric.startswith("sampled_") else self.cfg.eval.ks
         sampled_k = int(k) if metric.startswith("sampled_") else self.cfg.eval.sampled_k
-        return model_metrics(self.model, self.enc, self.enc.valid, ks, self.device, sampled_k, union=False)
+        return score_queries(self.model, self.enc, self.enc.valid, ks, self.device, sampled_k, union=False).metrics
 
     def fit(self) -> FitResult:
         t, started = self.cfg.train, time.monotonic()
