@@ -17,6 +17,7 @@ from training.examples import EncodedData, Queries, encode
 from training.ranking import (
     first_hit_ranks,
     full_ranking_metrics,
+    merged_top_k,
     popularity_top_k,
     sampled_metrics,
     sampled_ranks,
@@ -94,10 +95,7 @@ def score_queries(
     finally:
         model.train(was_training)
     multi = users.shape[1] > 1
-    if multi:
-        _, top = top_k_items(users, items, q.exclude, max(ks), interest_mask=mask)  # merged over interests
-    else:
-        _, top = top_k_items(users[:, 0], items, q.exclude, max(ks))
+    _, top = merged_top_k(users, mask, items, q.exclude, max(ks))  # (Q, max(ks)) merged over interests
     metrics = full_ranking_metrics(top, q.truth, ks)
     if multi and union:
         metrics |= {f"union_HR@{k}": v for k, v in union_hit_rates(users, mask, items, q, ks).items()}

@@ -195,6 +195,16 @@ def top_k_items(
     return out_scores.astype(np.float32), out_rows
 
 
+def merged_top_k(
+    u: torch.Tensor, mask: torch.Tensor, items: torch.Tensor, exclude: Csr, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B, K, D) interest vectors and their (B, K) mask -> scores and catalog rows (B, k) of the merged top-k (each
+    item by its best active interest), best first; one-vector models take the plain matmul."""
+    if u.shape[1] == 1:
+        return top_k_items(u[:, 0], items, exclude, k)
+    return top_k_items(u, items, exclude, k, interest_mask=mask)
+
+
 def _dcg_discounts(k: int) -> np.ndarray:
     return 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))  # (k,): 1/log2(rank + 1), rank 1-based
 

@@ -21,7 +21,7 @@ from models.bundle import ModelBundle
 from models.inputs import item_vectors, user_vectors
 from models.rank import retriever_model
 from training.examples import EncodedData, history_now
-from training.ranking import Csr, top_k_items
+from training.ranking import Csr, merged_top_k
 
 
 def row_ids(items: pa.Table, rows: np.ndarray) -> list[list[str]]:
@@ -79,16 +79,6 @@ def retrieve(
         sub = Csr(exclude.indptr[s : e + 1] - exclude.indptr[s], exclude.indices[exclude.indptr[s] : exclude.indptr[e]])
         out[s:e] = merged_top_k(u, mask, items_t, sub, k)[1]
     return out
-
-
-def merged_top_k(
-    u: torch.Tensor, mask: torch.Tensor, items: torch.Tensor, exclude: Csr, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(B, K, D) interest vectors and their (B, K) mask -> scores and catalog rows (B, k) of the merged top-k (each
-    item by its best active interest), best first; one-vector models take the plain matmul."""
-    if u.shape[1] == 1:
-        return top_k_items(u[:, 0], items, exclude, k)
-    return top_k_items(u, items, exclude, k, interest_mask=mask)
 
 
 def training_pool(retriever: ModelBundle, enc: EncodedData, train_ts: np.ndarray, k: int, shuffle: bool) -> np.ndarray:
