@@ -15,7 +15,7 @@ from torch import nn
 
 from models.dssm import DSSMConfig
 from models.embedding import FeatureEmbedding
-from models.match import MatchModel
+from models.match import Batch, MatchModel, one_interest
 from models.mlp import MLP
 
 
@@ -43,36 +43,35 @@ class DATConfig(DSSMConfig):
 
 
 class DAT(MatchModel):
-    def __init__(self, cfg: DATConfig, embedding: FeatureEmbedding, table_sizes: dict[str, int]) -> None:
+    def __init__(self, cfg: DATConfig, embedding: FeatureEmbedding) -> None:
         super().__init__(embedding, cfg.similarity, cfg.temperature)
         self.cfg = cfg
+        rows = {}  # the augmented tables have as many rows as the id feature's own table
         for group, name in (("user", cfg.user_id_feature), ("item", cfg.item_id_feature)):
-            if not any(f.name == name and f.kind in ("id", "hash") for f in embedding.groups.group(group)):
+            found = [f for f in embedding.groups.group(group) if f.name == name and f.kind in ("id", "hash")]
+            if not found:
                 raise ValueError(f"model.{group}_id_feature: {name!r} is not an id feature of the {group} group")
-        self.user_aug = nn.Embedding(table_sizes[cfg.user_id_feature], cfg.output_dim)  # a_u
-        self.item_aug = nn.Embedding(table_sizes[cfg.item_id_feature], cfg.output_dim)  # a_v
+            rows[group] = embedding.table(found[0]).num_embeddings
+        self.user_aug = nn.Embedding(rows["user"], cfg.output_dim)  # a_u
+        self.item_aug = nn.Embedding(rows["item"], cfg.output_dim)  # a_v
         for table in (self.user_aug, self.item_aug):
             nn.init.normal_(table.weight, std=0.05)
         user_in = embedding.group_dim("user") + embedding.group_dim("hist") + cfg.output_dim
         self.user_mlp = MLP(user_in, cfg.user_tower, cfg.output_dim)
         self.item_mlp = MLP(embedding.group_dim("item") + cfg.output_dim, cfg.item_tower, cfg.output_dim)
 
-    def user_tower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def interests(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [self.embedding(g, batch) for g in ("user", "hist") if self.embedding.groups.group(g)]
         a_u = self.user_aug(batch[self.cfg.user_id_feature])  # (B, D)
-        return self.user_mlp(torch.cat([*parts, a_u], dim=-1))  # (B, user_in) -> (B, D)
+        u = self.finish(self.user_mlp(torch.cat([*parts, a_u], dim=-1)))  # (B, user_in) -> (B, D)
+        return one_interest(u)  # (B, 1, D), (B, 1)
 
-    def item_tower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def item_tower(self, batch: Batch) -> torch.Tensor:
         a_v = self.item_aug(batch[self.cfg.item_id_feature])  # (N, D)
         return self.item_mlp(torch.cat([self.embedding("item", batch), a_v], dim=-1))  # (N, item_in) -> (N, D)
 
     def aux_loss(
-        self,
-        user_batch: dict[str, torch.Tensor],
-        item_batch: dict[str, torch.Tensor],
-        pos_rows: torch.Tensor,
-        u: torch.Tensor,
-        v_pos: torch.Tensor,
+        self, user_batch: Batch, item_batch: Batch, pos_rows: torch.Tensor, u: torch.Tensor, v_pos: torch.Tensor
     ) -> torch.Tensor:
         """Adaptive-mimic losses over the B positive pairs, a sum over batch and dims (not a mean):
             L_u = w_u * sum (normalize(a_u) - stopgrad(v))^2,   L_i = w_i * sum (normalize(a_v) - stopgrad(u))^2

@@ -6,7 +6,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.embedding import FeatureEmbedding
-from models.match import MatchModel, Similarity
+from models.match import Batch, MatchModel, Similarity, one_interest
 from models.mlp import MLP, TowerConfig
 
 
@@ -29,9 +29,10 @@ class DSSM(MatchModel):
         self.user_mlp = MLP(user_in, cfg.user_tower, cfg.output_dim)
         self.item_mlp = MLP(embedding.group_dim("item"), cfg.item_tower, cfg.output_dim)
 
-    def user_tower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def interests(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [self.embedding(g, batch) for g in ("user", "hist") if self.embedding.groups.group(g)]
-        return self.user_mlp(torch.cat(parts, dim=-1))  # (B, user_in) -> (B, D)
+        u = self.finish(self.user_mlp(torch.cat(parts, dim=-1)))  # (B, user_in) -> (B, D)
+        return one_interest(u)  # (B, 1, D), (B, 1)
 
-    def item_tower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def item_tower(self, batch: Batch) -> torch.Tensor:
         return self.item_mlp(self.embedding("item", batch))  # (N, item_in) -> (N, D)

@@ -9,6 +9,8 @@ from torch import nn
 from models.features import FeatureConfig, FeatureGroups
 from models.variational_dropout import VariationalDropout
 
+Batch = dict[str, torch.Tensor]  # feature name -> (B,) ids, (B, T) sequences / multi-ids, (B,) dense values
+
 
 class FeatureEmbedding(nn.Module):
     """One table per feature that owns a vocabulary; `shared_with` features look up their owner's table.
@@ -56,7 +58,7 @@ class FeatureEmbedding(nn.Module):
         backward accumulates per bag: 2.4x faster forward + backward for a 50-item history (B 1024, E 64, CPU)."""
         return F.embedding_bag(x, self.table(f).weight, mode="mean", padding_idx=0)
 
-    def forward(self, group: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, group: str, batch: Batch) -> torch.Tensor:
         parts = []
         for f in self.groups.group(group):
             x = batch[f.name]

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.bundle import ModelBundle
+from models.embedding import Batch
 from models.features import FeatureEncoder
 
 
@@ -45,7 +46,7 @@ def history_codes(encoder: FeatureEncoder, histories: Sequence[Sequence[str]], l
     return out
 
 
-def to_batch(feats: dict[str, np.ndarray], rows: np.ndarray | slice, device: torch.device) -> dict[str, torch.Tensor]:
+def to_batch(feats: dict[str, np.ndarray], rows: np.ndarray | slice, device: torch.device) -> Batch:
     return {k: torch.from_numpy(np.ascontiguousarray(v[rows])).to(device) for k, v in feats.items()}
 
 

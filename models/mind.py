@@ -1,11 +1,10 @@
 """MIND: multi-interest network with dynamic routing (DESIGN §4).
 
 The user tower turns the history into up to K interest vectors (capsule routing), each joined with the user's
-static features. Training scores the positive against one vector per user chosen by label-aware attention; serving
-returns every active interest, and retrieval searches each and merges.
+static features. Serving returns every active interest, and retrieval searches each and merges; training scores
+them by label-aware attention or by best interest (`models/interest_choice.py`).
 """
 
-import math
 from typing import Literal
 
 import torch
@@ -14,7 +13,8 @@ from torch import nn
 
 from models.capsule import CapsuleRouting
 from models.embedding import FeatureEmbedding
-from models.match import Batch, MatchModel, Scorer, Similarity
+from models.interest_choice import TrainScoring
+from models.match import Batch, MatchModel, Similarity
 from models.mlp import MLP, TowerConfig
 
 
@@ -41,7 +41,7 @@ class MINDConfig(BaseModel):
     # attention on the positive built. best_interest (a deviation, off by default): each candidate against its own
     # best active interest, the score that serving's merge ranks by, so a negative that is close to another of the
     # user's interests is penalised in training too (label-aware training never sees it).
-    train_scoring: Literal["label_aware", "best_interest"] = "label_aware"
+    train_scoring: TrainScoring = "label_aware"
     variational_dropout: list[Literal["user", "item", "hist"]] = Field(default_factory=list)
 
 
@@ -49,6 +49,7 @@ class MIND(MatchModel):
     def __init__(self, cfg: MINDConfig, embedding: FeatureEmbedding) -> None:
         super().__init__(embedding, cfg.similarity, cfg.temperature)
         self.cfg = cfg
+        self.train_scoring, self.simi_pow = cfg.train_scoring, cfg.simi_pow
         groups = embedding.groups
         if not groups.group("hist"):
             raise ValueError("MIND needs a hist feature group (the sequence it routes into interests)")
@@ -75,10 +76,10 @@ class MIND(MatchModel):
         self.concat_mlp = MLP(capsule_dim + user_dim, cfg.concat_tower, cfg.output_dim)
         self.item_mlp = MLP(embedding.group_dim("item"), cfg.item_tower, cfg.output_dim)
 
-    def item_tower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def item_tower(self, batch: Batch) -> torch.Tensor:
         return self.item_mlp(self.embedding("item", batch))  # (N, item_in) -> (N, D)
 
-    def interests(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def interests(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, K, D) interest vectors, each L2-normalised separately under cosine, and the (B, K) active mask."""
         codes = batch[self.hist_features[0].name]  # (B, T), 0 = padding
         seq = [self.embedding.lookup(f, batch[f.name]) for f in self.hist_features]  # each (B, T, E_f)
@@ -88,25 +89,3 @@ class MIND(MatchModel):
             user = self.user_mlp(self.embedding("user", batch))  # (B, Du)
             caps = torch.cat([caps, user.unsqueeze(1).expand(-1, caps.shape[1], -1)], dim=-1)  # (B, K, Dc + Du)
         return self.finish(self.concat_mlp(caps)), mask  # (B, K, D)
-
-    def user_tower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError("MIND serves several vectors per user: call interests()")
-
-    def label_aware(self, caps: torch.Tensor, mask: torch.Tensor, v_pos: torch.Tensor) -> torch.Tensor:
-        """a = softmax_k(simi_pow * <interest_k, v_pos>) over the active interests; user = sum_k a_k interest_k.
-        caps (B, K, D), mask (B, K), v_pos (B, D) -> (B, D)."""
-        att = self.cfg.simi_pow * torch.einsum("bkd,bd->bk", caps, v_pos)  # (B, K)
-        att = torch.softmax(att.masked_fill(~mask, -math.inf), dim=-1)
-        return torch.einsum("bk,bkd->bd", att, caps)
-
-    def train_user_vector(self, batch: dict[str, torch.Tensor], v_pos: torch.Tensor) -> torch.Tensor:
-        return self.label_aware(*self.interests(batch), v_pos)
-
-    def train_similarity(self, batch: Batch, v_pos: torch.Tensor, score: Scorer) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cfg.train_scoring == "label_aware":
-            return super().train_similarity(batch, v_pos, score)
-        caps, mask = self.interests(batch)  # (B, K, D), (B, K)
-        scores = torch.stack([score(caps[:, k].contiguous()) for k in range(caps.shape[1])])  # (K, B, C)
-        floor = torch.finfo(scores.dtype).min  # an inactive interest never wins the max
-        logits = scores.masked_fill(~mask.T[:, :, None], floor).amax(0)  # (B, C): each candidate's best interest
-        return self.label_aware(caps, mask, v_pos), logits

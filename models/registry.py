@@ -1,6 +1,8 @@
-"""Model configs by `type`, and the one function that builds a model from config + feature schema.
+"""Model configs by `type`, the classes that build them, and the one function that builds a model from config +
+feature schema.
 
-Used by training and by bundle loading alike, so a bundle is rebuilt by code, never unpickled.
+Used by training and by bundle loading alike, so a bundle is rebuilt by code, never unpickled. Every match model is
+constructed as `cls(cfg, embedding)`.
 """
 
 from typing import Annotated
@@ -15,18 +17,14 @@ from models.match import MatchModel
 from models.mind import MIND, MINDConfig
 from models.tdm import TDM, TDMConfig
 
+MATCH_MODELS: dict[str, type[MatchModel]] = {"dssm": DSSM, "dat": DAT, "mind": MIND}
+
 ModelConfig = Annotated[DSSMConfig | DATConfig | MINDConfig, Field(discriminator="type")]
 
 
 def build_model(cfg: ModelConfig, groups: FeatureGroups, table_sizes: dict[str, int]) -> MatchModel:
     embedding = FeatureEmbedding(groups, table_sizes, variational_dropout=cfg.variational_dropout)
-    if isinstance(cfg, DATConfig):  # before DSSM: DATConfig extends DSSMConfig
-        return DAT(cfg, embedding, table_sizes)
-    if isinstance(cfg, DSSMConfig):
-        return DSSM(cfg, embedding)
-    if isinstance(cfg, MINDConfig):
-        return MIND(cfg, embedding)
-    raise ValueError(f"unknown model type {cfg.type!r}")
+    return MATCH_MODELS[cfg.type](cfg, embedding)  # type: ignore[call-arg]
 
 
 # Every model a bundle may hold: the two-tower models above plus rankers. Training's `Config.model` stays ModelConfig,

@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from models.embedding import FeatureEmbedding
+from models.embedding import Batch, FeatureEmbedding
 from models.mlp import MLP, TowerConfig
 
 HIST_ITEM = "hist_item:"  # user-batch key prefix of the history items' item features ("item" history)
@@ -116,7 +116,7 @@ class TDM(nn.Module):
         self.final = MLP((n_windows + 1) * c + self.user_dim, cfg.final, 2)
         self.register_buffer("windows", window_matrix(cfg.windows_len), persistent=False)  # (L, Tw)
 
-    def history(self, user_batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def history(self, user_batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) oldest-first codes of each hist feature -> s (B, Tw, C) most recent first, mask (B, Tw) bool.
 
         The reversal to most-recent-first happens here, so every caller keeps Quiver's oldest-first matrices."""
@@ -132,7 +132,7 @@ class TDM(nn.Module):
         parts = [self.embedding.lookup(f, recent_first(user_batch[f.name])[:, :tw]) for f in hist]  # (B, T', E_f)
         return torch.cat(parts, dim=-1), mask
 
-    def embed_items(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+    def embed_items(self, feats: Batch) -> torch.Tensor:
         """Item-group features with any leading shape (...,) -> (..., Dq): id -> its embedding, multi_id (..., M) ->
         mean over its non-padding values, dense -> the value. Candidates and history items go through this alike."""
         parts = []
@@ -147,7 +147,7 @@ class TDM(nn.Module):
                 parts.append(self.embedding.lookup(f, x))
         return torch.cat(parts, dim=-1)
 
-    def query(self, item_batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def query(self, item_batch: Batch) -> torch.Tensor:
         """Candidate item features (N, Dq) zero-padded to the history width: (N, C)."""
         q = self.embed_items(item_batch)
         return nn.functional.pad(q, (0, self.hist_dim - q.shape[1]))
@@ -229,8 +229,8 @@ class TDM(nn.Module):
 
     def forward(
         self,
-        user_batch: dict[str, torch.Tensor],
-        item_batch: dict[str, torch.Tensor],
+        user_batch: Batch,
+        item_batch: Batch,
         user_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(N, 2) logits. user_index (N,) int64 rows of user_batch; None: N == B, or B == 1 (one user's candidates)."""
@@ -244,8 +244,8 @@ class TDM(nn.Module):
 
     def score(
         self,
-        user_batch: dict[str, torch.Tensor],
-        item_batch: dict[str, torch.Tensor],
+        user_batch: Batch,
+        item_batch: Batch,
         user_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(N,) click log-odds logit_1 - logit_0: same order as the softmax probability, without its saturation."""

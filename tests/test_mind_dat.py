@@ -15,6 +15,7 @@ from models.capsule import CapsuleRouting, active_interests, squash
 from models.dat import DAT, DATConfig
 from models.embedding import FeatureEmbedding
 from models.features import FeatureGroups
+from models.interest_choice import choose, label_aware
 from models.mind import MIND, MINDConfig
 from models.similarity import similarity
 from models.variational_dropout import PENALTY, VariationalDropout
@@ -148,7 +149,7 @@ def test_label_aware_attention_by_hand() -> None:
     with torch.no_grad():
         v = model.item_embedding(ITEMS)[:3]  # (3, D) positives
         vecs, mask = model.interests(USERS)
-        u = model.train_user_vector(USERS, v)
+        u = label_aware(vecs, mask, v, 3.0)
     for n in range(3):
         active = vecs[n][mask[n]]  # (k, D)
         a = torch.softmax(3.0 * active @ v[n], dim=0)  # over active interests only
@@ -184,15 +185,10 @@ def test_best_interest_scoring_takes_each_candidates_best_active_interest() -> N
 
 
 def test_best_interest_by_hand_ignores_inactive_interests() -> None:
-    class Fixed(MIND):
-        def interests(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            caps = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [1.0, 0.0]]])  # (B=2, K=2, D=2)
-            return caps, torch.tensor([[True, True], [True, False]])  # user 1's second interest is inactive
-
-    cfg = MINDConfig.model_validate({"type": "mind", "max_k": 2, "max_seq_len": 6, "train_scoring": "best_interest"})
-    model = Fixed(cfg, FeatureEmbedding(GROUPS, SIZES))
+    caps = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [1.0, 0.0]]])  # (B=2, K=2, D=2)
+    mask = torch.tensor([[True, True], [True, False]])  # user 1's second interest is inactive
     v = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])  # positives of users 0, 1; 2 negatives
-    _, logits = model.train_similarity({}, v[:2], partial(similarity, v=v, in_batch=False))
+    _, logits = choose(caps, mask, v[:2], partial(similarity, v=v, in_batch=False), "best_interest")
     # user 0: pos max(0, 1) = 1; neg (1, 0) -> max(1, 0) = 1; neg (-1, 0) -> max(-1, 0) = 0
     # user 1: only (0.6, 0.8): pos 0.8; negs 0.6 and -0.6 (the inactive (1, 0) would have scored 1.0)
     assert torch.allclose(logits, torch.tensor([[1.0, 1.0, 0.0], [0.8, 0.6, -0.6]]))
@@ -214,7 +210,7 @@ def _dat(**kw: object) -> DAT:
     cfg = DATConfig.model_validate(
         {"type": "dat", "user_tower": {"hidden_units": [8]}, "item_tower": {"hidden_units": [8]}, "output_dim": 4} | kw
     )
-    return DAT(cfg, FeatureEmbedding(GROUPS, SIZES), SIZES)
+    return DAT(cfg, FeatureEmbedding(GROUPS, SIZES))
 
 
 def test_dat_amm_loss_by_hand_and_its_gradient_reaches_only_the_augmented_tables() -> None:
@@ -276,7 +272,7 @@ def test_variational_dropout_training_draws_relaxed_masks() -> None:
 def test_dropout_groups_feed_the_model_penalty() -> None:
     embedding = FeatureEmbedding(GROUPS, SIZES, variational_dropout=["user", "item"])
     cfg = DATConfig.model_validate({"type": "dat", "output_dim": 4, "amm_user_weight": 0, "amm_item_weight": 0})
-    model = DAT(cfg, embedding, SIZES)
+    model = DAT(cfg, embedding)
     _, aux = model(USERS, ITEMS, in_batch=False)
     # two groups of one feature each, d = 0.5: 0.01 / 3 * (0.5 + 0.5)
     assert aux.item() == pytest.approx(PENALTY / 3 * 1.0)
