@@ -35,8 +35,11 @@ lint: $(VENV)/.installed
 # The whole pipeline without Docker, from a fresh clone: demo catalog -> DSSM retriever -> TDM reranker -> HNSW index
 # -> the API on :$(DEMO_PORT). Every step runs every time (retraining the demo takes about two minutes on one core); the
 # index step is a no-op when the published index already matches the newest DSSM bundle.
+# `make demo QUIVER_MODEL=sasrec_demo` serves the SASRec retriever (configs/sasrec_demo.yaml) instead of the DSSM;
+# the DSSM is trained either way, since the TDM reranker learns from its candidates.
 DEMO_PORT ?= 8000
-DEMO_ENV := QUIVER_ARTIFACTS=$(CURDIR)/artifacts QUIVER_MODEL=dssm_demo QUIVER_RANKER=tdm_demo QUIVER_PORT=$(DEMO_PORT)
+DEMO_MODEL := $(or $(QUIVER_MODEL),dssm_demo)
+DEMO_ENV := QUIVER_ARTIFACTS=$(CURDIR)/artifacts QUIVER_MODEL=$(DEMO_MODEL) QUIVER_RANKER=tdm_demo QUIVER_PORT=$(DEMO_PORT)
 
 # Prints curl examples with ids read from the generated catalog (a real user, real items).
 define DEMO_CURL
@@ -57,14 +60,15 @@ export DEMO_CURL
 demo: $(VENV)/.installed
 	@echo "== demo 1/6: synthetic catalog -> artifacts/demo-data"
 	$(VENV)/bin/quiver-train demo-data --out artifacts/demo-data
-	@echo "== demo 2/6: DSSM retriever -> artifacts/models/dssm_demo"
+	@echo "== demo 2/6: retriever $(DEMO_MODEL) -> artifacts/models/$(DEMO_MODEL)"
 	$(VENV)/bin/quiver-train fit --config configs/dssm_demo.yaml
-	@echo "== demo 3/6: offline evaluation of dssm_demo (vs popularity)"
-	$(VENV)/bin/quiver-train eval --bundle artifacts/models/dssm_demo
+	$(if $(filter-out dssm_demo,$(DEMO_MODEL)),$(VENV)/bin/quiver-train fit --config configs/$(DEMO_MODEL).yaml)
+	@echo "== demo 3/6: offline evaluation of $(DEMO_MODEL) (vs popularity)"
+	$(VENV)/bin/quiver-train eval --bundle artifacts/models/$(DEMO_MODEL)
 	@echo "== demo 4/6: TDM reranker over dssm_demo -> artifacts/models/tdm_demo"
 	$(VENV)/bin/quiver-train fit --config configs/tdm_demo.yaml
-	@echo "== demo 5/6: HNSW index of dssm_demo -> artifacts/indexes/dssm_demo"
-	$(DEMO_ENV) $(VENV)/bin/quiver-index rebuild --model dssm_demo --index HNSW32,Flat --no-progress
+	@echo "== demo 5/6: HNSW index of $(DEMO_MODEL) -> artifacts/indexes/$(DEMO_MODEL)"
+	$(DEMO_ENV) $(VENV)/bin/quiver-index rebuild --model $(DEMO_MODEL) --index HNSW32,Flat --no-progress
 	@echo "== demo 6/6: quiver-serve on http://127.0.0.1:$(DEMO_PORT) (Ctrl-C stops it). Once /readyz answers, try:"
 	@$(PY) -c "$$DEMO_CURL" $(DEMO_PORT)
 	@echo "  curl -s http://127.0.0.1:$(DEMO_PORT)/readyz"

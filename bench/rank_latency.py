@@ -15,8 +15,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import pyarrow as pa
 import torch
+from timing import timed  # bench/timing.py, beside this script
 from torch import nn
 
 from models.bundle import load_bundle, save_bundle
@@ -78,17 +77,6 @@ def synthetic_bundle(config: str, root: Path, n_items: int, seed: int) -> Path:
     history = pa.array([[item_ids[i] for i in rng.integers(0, n_items, 50)]], pa.list_(pa.string()))
     users = users.append_column("history", history)
     return save_bundle(root, "latency", model, cfg.model.model_dump(mode="json"), encoder, items, users)
-
-
-def timed(fn: Callable[[], object], repeats: int) -> list[float]:
-    for _ in range(max(3, repeats // 20)):
-        fn()  # warm-up: allocator, lazy init
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1000.0)
-    return out
 
 
 def summary(ms: list[float], n: int) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""DSSM training throughput on MovieLens-1M (NCF train.tsv): Quiver's trainer against torch-rechub's DSSM.
+"""Training throughput. DSSM on MovieLens-1M (NCF train.tsv): Quiver's trainer against torch-rechub's DSSM; with
+`--sequence`, a sequence model's positions/s beside a pooled model's events/s on the same data.
 
 Both sides train the same towers (embedding sizes, MLP units, output dim) on the same encoded arrays, one process,
 CPU, a fixed number of torch threads. The machine is shared and noisy, so the measurements alternate
@@ -8,6 +9,7 @@ warm-up steps, then times whole steps for `--seconds`. Throughput = positive exa
 torch-rechub is optional (it is not a Quiver dependency): without it the rechub fields are null.
 
     .venv/bin/python bench/train_speed.py [--config configs/dssm_ml1m.yaml] [--seconds 20] [--threads 1]
+    .venv/bin/python bench/train_speed.py --sequence configs/sasrec_beauty.yaml configs/dssm_beauty.yaml
 """
 
 import argparse
@@ -46,6 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides")
     p.add_argument("--batch-size", type=int, help="override train.batch_size")
     p.add_argument("--no-rechub", action="store_true", help="measure Quiver only")
+    p.add_argument(
+        "--sequence",
+        nargs=2,
+        metavar=("SEQUENCE_CONFIG", "BASELINE_CONFIG"),
+        help="instead: training positions/s of a sequence model beside the events/s of a pooled baseline "
+        "(e.g. configs/sasrec_beauty.yaml configs/dssm_beauty.yaml)",
+    )
     args = p.parse_args(argv)
     if args.seconds <= 0 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--seconds must be > 0, --repeats and --threads >= 1, --warmup >= 0")
@@ -78,15 +87,17 @@ class BatchStream:
         return idx
 
 
-def timed(step: Callable[[], None], warmup: int, seconds: float, batch_size: int) -> float:
-    """Positives per second over whole steps, after `warmup` untimed steps."""
+def timed(step: Callable[[], int | None], warmup: int, seconds: float, batch_size: int | None = None) -> float:
+    """Training rows per second over whole steps, after `warmup` untimed steps: `batch_size` per step, or, for a
+    step that returns it, the rows that step trained (a sequence batch trains one row per valid position)."""
     for _ in range(warmup):
         step()
-    steps, start = 0, time.perf_counter()
+    rows, steps, start = 0, 0, time.perf_counter()
     while steps == 0 or time.perf_counter() - start < seconds:
-        step()
+        n = step()
+        rows += batch_size if batch_size is not None else int(n or 0)
         steps += 1
-    return steps * batch_size / (time.perf_counter() - start)
+    return rows / (time.perf_counter() - start)
 
 
 # --- torch-rechub ------------------------------------------------------------------------------------------------
@@ -274,8 +285,77 @@ def median_or_none(values: list[float]) -> float | None:
     return round(statistics.median(values), 1) if values else None
 
 
+class Cycle:
+    """A trainer's own epoch batches, wrapping around to the next epoch's."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer, self.epoch, self.batches = trainer, 0, trainer.batches(0)
+
+    def step(self) -> int:
+        if not self.batches:
+            self.epoch += 1
+            self.batches = self.trainer.batches(self.epoch)
+        idx = self.batches.pop()
+        self.trainer.step(idx)
+        return self.trainer.row_count(idx)
+
+
+def sequence_speed(args: argparse.Namespace) -> int:
+    """Positions/s of a sequence model's training (every valid position is a softmax row) beside events/s of a
+    pooled baseline on the same data, alternating, the median of the repeats."""
+    trainers: dict[str, Trainer] = {}
+    try:
+        for name, path in zip(("sequence", "baseline"), args.sequence, strict=True):
+            args.config = str(Path(path).resolve()) if Path(path).exists() else str(REPO / path)
+            cfg = bench_config(args)
+            if not Path(cfg.data.path).exists():
+                raise QuiverError(f"data {cfg.data.path} not found (see ../shared/data/README.md)")
+            trainers[name] = Trainer(cfg)
+    except QuiverError as err:
+        print(f"train_speed: {err}", file=sys.stderr)
+        return 2
+    runs: dict[str, list[float]] = {"sequence": [], "baseline": []}
+    cycles = {name: Cycle(t) for name, t in trainers.items()}
+    for _ in range(args.repeats):
+        for name in runs:
+            trainers[name].model.train()
+            runs[name].append(timed(cycles[name].step, args.warmup, args.seconds))
+    seq, base = (median_or_none(runs[k]) for k in ("sequence", "baseline"))
+    seq_cfg, base_cfg = trainers["sequence"].cfg, trainers["baseline"].cfg
+    print(
+        json.dumps(
+            {
+                "bench": "train_speed",
+                "data": f"{trainers['sequence'].raw.name} training split ({seq_cfg.data.split})",
+                "settings": {
+                    "sequence_config": os.path.relpath(args.sequence[0], REPO),
+                    "baseline_config": os.path.relpath(args.sequence[1], REPO),
+                    "sequence_model": seq_cfg.model.type,
+                    "sequence_negatives": seq_cfg.negatives.model_dump(),
+                    "sequence_batch_users": seq_cfg.train.batch_size,
+                    "baseline_negatives": base_cfg.negatives.model_dump(),
+                    "baseline_batch_events": base_cfg.train.batch_size,
+                    "threads": args.threads,
+                    "seconds_per_measurement": args.seconds,
+                    "repeats": args.repeats,
+                },
+                f"{seq_cfg.model.type}_positions_per_s": seq,
+                f"{base_cfg.model.type}_events_per_s": base,
+                "ratio": round(seq / base, 2) if seq and base else None,
+                "ratio_of": "sequence positions/s / baseline events/s: softmax rows trained per second on each side",
+                "runs": {k: [round(v, 1) for v in vs] for k, vs in runs.items()},
+            }
+        )
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.sequence:
+        torch.set_num_threads(args.threads)
+        os.chdir(REPO)
+        return sequence_speed(args)
     torch.set_num_threads(args.threads)
     # Paths on the command line are relative to where it was typed; the config's own paths (data.path
     # ../shared/data/ml-1m) to the repo root, as for quiver-train.
@@ -301,19 +381,19 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, list[float]] = {"quiver": [], "quiver_in_batch": [], "rechub": [], "rechub_vectorised": []}
     streams = {name: BatchStream(order, b) for name in runs}
-    sampler = trainer.sampler
+    mode = trainer.mode
 
     def quiver_step() -> None:
         trainer.step(streams["quiver"].next())
 
     def quiver_in_batch_step() -> None:
-        # The loss rechub trains: softmax over 1 positive + the other B - 1 rows' positives (Trainer.step takes the
-        # in-batch path when it has no sampler). Same towers, same batches.
-        trainer.sampler = None
+        # The loss rechub trains: softmax over 1 positive + the other B - 1 rows' positives. Same towers, same
+        # batches.
+        trainer.mode = "in_batch"
         try:
             trainer.step(streams["quiver_in_batch"].next())
         finally:
-            trainer.sampler = sampler
+            trainer.mode = mode
 
     for _ in range(args.repeats):
         runs["quiver"].append(timed(quiver_step, args.warmup, args.seconds, b))

@@ -124,7 +124,8 @@ def save_bundle(
             "model": model_config,
             "features": encoder.groups.model_dump(mode="json"),
             "table_sizes": encoder.table_sizes(),
-            "embedding_dim": model_config.get("output_dim"),
+            # a sequence model's default output is its sequence width, known only to the built model
+            "embedding_dim": model_config.get("output_dim") or getattr(model, "output_dim", None),
             "similarity": model.similarity,  # None for a ranker: it has no vector space
             "num_items": items.num_rows,
             "num_users": users.num_rows,

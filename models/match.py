@@ -11,6 +11,7 @@ returns one row per valid position there (every position predicts the next item)
 P training rows with no other change to the forward.
 """
 
+from collections.abc import Callable
 from functools import partial
 from typing import Literal, NamedTuple
 
@@ -23,6 +24,9 @@ from models.interest_choice import TrainScoring, choose
 from models.similarity import similarity
 
 Similarity = Literal["cosine", "inner_product"]
+# Where each row's candidates are (DESIGN §3): in_batch (R, R + N) label i; sampled (R, 1 + N) label 0; full: the
+# item rows after the R positives are the whole catalog, (R, I), label = the positive's catalog row.
+Layout = Literal["in_batch", "sampled", "full"]
 
 
 def one_interest(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +35,7 @@ def one_interest(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class MatchOutput(NamedTuple):
-    logits: torch.Tensor  # (R, R [+ S]) in-batch or (R, 1 + N [+ S]) sampled, already divided by tau
+    logits: torch.Tensor  # (R, R + N [+ S]) in-batch, (R, 1 + N [+ S]) sampled, (R, I) full; divided by tau
     aux_loss: torch.Tensor  # () added to the softmax loss
 
 
@@ -85,7 +89,7 @@ class MatchModel(nn.Module):
         user_batch: Batch,
         item_batch: Batch,
         *,
-        in_batch: bool,
+        layout: Layout,
         hard_neg_indices: torch.Tensor | None = None,
         item_index: torch.Tensor | None = None,
     ) -> MatchOutput:
@@ -93,16 +97,20 @@ class MatchModel(nn.Module):
         sees one graph.
 
         The item rows are [positives (R); sampled negatives (N); hard negatives (H)], R the rows train_interests
-        gives. `item_index` (R + N + H,) lets the item tower run once per distinct item: item_batch then holds the
-        distinct rows and item_index says which of them fills each slot (popular items recur in a batch and its
-        negatives).
+        gives; with layout full, [positives (R); the catalog (I)]. `item_index` (R + N + H,) lets the item tower
+        run once per distinct item: item_batch then holds the distinct rows and item_index says which of them fills
+        each slot (popular items recur in a batch and its negatives).
         """
         v = self.item_embedding(item_batch)  # (R + N + H, D), or (distinct, D) with item_index
         if item_index is not None:
             v = v[item_index]  # (R + N + H, D)
         interests, mask = self.train_interests(user_batch)  # (R, K, D), (R, K)
         r = interests.shape[0]
-        score = partial(similarity, v=v, in_batch=in_batch, hard_neg_indices=hard_neg_indices)  # (R, D) -> logits
+        score: Callable[[torch.Tensor], torch.Tensor]  # (R, D) -> logits
+        if layout == "full":
+            score = lambda u: u @ v[r:].T  # noqa: E731 (R, I)
+        else:
+            score = partial(similarity, v=v, in_batch=layout == "in_batch", hard_neg_indices=hard_neg_indices)
         u, logits = choose(interests, mask, v[:r], score, self.train_scoring, self.simi_pow)
         logits = logits / self.temperature
         if hard_neg_indices is not None:

@@ -13,13 +13,15 @@ from models.dat import DAT, DATConfig
 from models.dssm import DSSM, DSSMConfig
 from models.embedding import FeatureEmbedding
 from models.features import FeatureGroups
+from models.hstu import HSTU, HSTUConfig
 from models.match import MatchModel
 from models.mind import MIND, MINDConfig
+from models.sasrec import SASRec, SASRecConfig
 from models.tdm import TDM, TDMConfig
 
-MATCH_MODELS: dict[str, type[MatchModel]] = {"dssm": DSSM, "dat": DAT, "mind": MIND}
+MATCH_MODELS: dict[str, type[MatchModel]] = {"dssm": DSSM, "dat": DAT, "mind": MIND, "sasrec": SASRec, "hstu": HSTU}
 
-ModelConfig = Annotated[DSSMConfig | DATConfig | MINDConfig, Field(discriminator="type")]
+ModelConfig = Annotated[DSSMConfig | DATConfig | MINDConfig | SASRecConfig | HSTUConfig, Field(discriminator="type")]
 
 
 def build_model(cfg: ModelConfig, groups: FeatureGroups, table_sizes: dict[str, int]) -> MatchModel:

@@ -1,7 +1,8 @@
 """MatchModel similarity, loss and training Recall@K exactly as DESIGN §3.
 
-Item rows arrive stacked as [positives (B); sampled negatives (N); hard negatives (H)]. With in-batch negatives
-N = 0 and the positives of the other rows are the negatives.
+Item rows arrive stacked as [positives (B); sampled negatives (N); hard negatives (H)]. With in-batch negatives the
+positives of the other rows are the negatives, and any N shared sampled rows after them are more columns of the same
+(B, B + N) matrix (TorchEasyRec's mixed layout; N = 0 is plain in-batch).
 """
 
 import os
@@ -34,7 +35,7 @@ def similarity(
 ) -> torch.Tensor:
     """u (B, D), v (B + N + H, D) -> logits.
 
-    in-batch: (B, B [+ S]), label of row i is column i. sampled: (B, 1 + N [+ S]), the positive is column 0.
+    in-batch: (B, B + N [+ S]), label of row i is column i. sampled: (B, 1 + N [+ S]), the positive is column 0.
     hard_neg_indices (H, 2) = (row, slot): hard negative j is scored against its own user only and lands at
     (row_j, slot_j) of a (B, S = max_slot + 1) block; empty cells hold the dtype's most negative finite value
     (no NaN, no gradient).
@@ -47,11 +48,11 @@ def similarity(
     h = 0 if hard_neg_indices is None else hard_neg_indices.shape[0]
     n_items = v.shape[0] - h
     if in_batch:
-        if n_items != b:
+        if n_items < b:
             raise ValueError(
-                f"in-batch similarity needs B item rows before the hard negatives, got {n_items} for B={b}"
+                f"in-batch similarity needs at least B item rows before the hard negatives, got {n_items} for B={b}"
             )
-        blocks = [u @ v[:b].T]  # (B, B)
+        blocks = [u @ v[:n_items].T]  # (B, B + N)
     else:
         pos = (u * v[:b]).sum(-1, keepdim=True)  # (B, 1)
         neg = u @ v[b:n_items].T  # (B, N)
@@ -69,6 +70,24 @@ def hard_block(u: torch.Tensor, hard: torch.Tensor, hard_neg_indices: torch.Tens
     width = int(slots.max().item()) + 1
     empty = torch.full((u.shape[0], width), torch.finfo(scores.dtype).min, dtype=scores.dtype, device=u.device)
     return empty.index_put((rows, slots), scores)
+
+
+def mask_collisions(
+    logits: torch.Tensor, targets: torch.Tensor, columns: torch.Tensor, start: int, label_diagonal: bool
+) -> torch.Tensor:
+    """Mask the cells whose candidate is the row's own target item, other than the label (most negative value, no
+    gradient): a negative equal to the positive would be pushed away from the user and pulled in at once.
+
+    targets (R,) and columns (C,) are catalog rows; the columns are the logits' start..start+C. label_diagonal: the
+    in-batch layout, where column i of row i is the label itself and stays."""
+    hit = targets[:, None] == columns[None, :]  # (R, C)
+    if label_diagonal:
+        hit[torch.arange(len(targets)), torch.arange(len(targets))] = False
+    if not bool(hit.any()):
+        return logits
+    full = torch.zeros_like(logits, dtype=torch.bool)
+    full[:, start : start + columns.shape[0]] = hit
+    return logits.masked_fill(full, torch.finfo(logits.dtype).min)
 
 
 def labels_for(logits: torch.Tensor, in_batch: bool) -> torch.Tensor:
@@ -90,13 +109,14 @@ def softmax_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     return (ce * weights).mean() / w_mean
 
 
-def recall_at_k(logits: torch.Tensor, in_batch: bool, k: int) -> tuple[int, int]:
-    """Training Recall@K: target mask is the identity in-batch, column 0 with a sampler; returns (hits, total).
+def recall_at_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[int, int]:
+    """Training Recall@K: the target of row i is column labels[i] (the identity in-batch, column 0 with a sampler,
+    the positive's catalog row in the full layout); returns (hits, total).
 
     Each row has one target, so "target among the top-K columns" is "fewer than K columns score above it": one
     comparison pass instead of a top-k over (B, C) (which cost a tenth of a training step). Ties go to the target.
     """
     b = logits.shape[0]
-    target = logits.gather(1, labels_for(logits, in_batch).unsqueeze(1))  # (B, 1)
+    target = logits.gather(1, labels.unsqueeze(1))  # (B, 1)
     above = (logits > target).sum(1)  # (B,)
     return int((above < k).sum().item()), b

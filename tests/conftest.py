@@ -61,6 +61,19 @@ def tiny_config(data_dir: Path, out_root: Path, **train: object) -> dict:
     }
 
 
+def sequence_config(data_dir: Path, out_root: Path, kind: str = "sasrec", **train: object) -> dict:
+    """A small SASRec / HSTU on the demo catalog: the history read in order, every position predicting the next."""
+    base = tiny_config(data_dir, out_root)
+    return {
+        "data": base["data"],
+        "features": {"item": base["features"]["item"], "hist": base["features"]["hist"]},  # item_id 16, category, price
+        "model": {"type": kind, "max_seq_len": 20, "num_blocks": 1, "num_heads": 2, "dropout": 0.1, "temperature": 0.1},
+        "negatives": {"mode": "sampled", "num": 128, "alpha": 0.5},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.005, "progress": False, **train},
+        "output": {"root": str(out_root), "name": f"tiny_{kind}"},
+    }
+
+
 def tdm_config(data_dir: Path, out_root: Path, retriever: Path | None, **train: object) -> dict:
     """A small TDM over the demo catalog; history items carry the same item features as the candidate."""
     base = tiny_config(data_dir, out_root)

@@ -54,6 +54,16 @@ def test_a_consistent_gap_is_reported_as_worse() -> None:
     assert got["diff"] == -0.25 and got["ci95"][1] < 0 and got["not_worse_at_95"] is False
 
 
+def test_full_ndcg_pairs_only_with_one_held_out_item_per_user() -> None:
+    arrays = _eval(["a", "b", "c"], [1, 3, 12]) | {"truth_count": np.array([1, 1, 1])}
+    assert pairable("NDCG@10", arrays)
+    assert per_user_values(arrays, "NDCG@10").tolist() == pytest.approx([1.0, 0.5, 0.0])  # 1 / log2(1 + rank)
+    several = arrays | {"truth_count": np.array([1, 2, 1])}  # NDCG over two truths is not a first-hit function
+    assert not pairable("NDCG@10", several)
+    with pytest.raises(QuiverError, match="one held-out item per user"):
+        per_user_values(several, "NDCG@10")
+
+
 def test_refusals_name_the_problem(tmp_path: Path) -> None:
     arrays = _eval(["a", "b"], [1, 2])
     assert not pairable("NDCG@20") and not pairable("Recall@20") and pairable("HR@20") and pairable("sampled_NDCG@10")

@@ -6,10 +6,11 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import tiny_config
+from tests.conftest import sequence_config, tiny_config
 from training.config import parse_config
 from training.trainer import Trainer
 
@@ -26,7 +27,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
     torch.set_num_threads(1)
     cfg = parse_config(cfg_dict, "test")
     trainer = Trainer(cfg)
-    steps = len(trainer.shard(0))
+    steps = len(trainer.batches(0))
     result = trainer.fit()
     digest = hashlib.sha256()
     for name, tensor in sorted(trainer.model.state_dict().items()):
@@ -36,8 +37,13 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_ddp_keeps_ranks_in_sync(demo_dir: Path, tmp_path: Path) -> None:
-    cfg_dict = tiny_config(demo_dir, tmp_path / "models", epochs=1)
+@pytest.mark.parametrize("kind", ["dssm", "sasrec"])
+def test_two_process_ddp_keeps_ranks_in_sync(demo_dir: Path, tmp_path: Path, kind: str) -> None:
+    """Events for the pooled towers; user sequences grouped by length for the sequence models."""
+    if kind == "dssm":
+        cfg_dict = tiny_config(demo_dir, tmp_path / "models", epochs=1)
+    else:
+        cfg_dict = sequence_config(demo_dir, tmp_path / "models", epochs=1)
     mp.spawn(_worker, args=(2, _free_port(), cfg_dict, str(tmp_path)), nprocs=2, join=True)
     r0 = (tmp_path / "rank0.txt").read_text().split()
     r1 = (tmp_path / "rank1.txt").read_text().split()

@@ -23,6 +23,7 @@ from training.tdm_config import load_tdm_config
 ROOT = Path(__file__).resolve().parents[1]
 DSSM = ROOT / "configs" / "dssm_demo.yaml"
 TDM = ROOT / "configs" / "tdm_demo.yaml"
+SASREC = ROOT / "configs" / "sasrec_demo.yaml"
 MAKEFILE = ROOT / "Makefile"
 
 
@@ -74,14 +75,14 @@ def test_tdm_demo_features_are_demo_catalog_columns(catalog: Path) -> None:
 # ------------------------------------------------------------------------------------------------------------ Makefile
 
 
-def _demo_recipe() -> list[str]:
-    """The commands `make demo` runs (install treated as done), one per line."""
+def _demo_recipe(*variables: str) -> list[str]:
+    """The commands `make demo [VAR=value ...]` runs (install treated as done), one per line."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     # Under `make test` this is a sub-make: without the parent's MAKEFLAGS/MAKELEVEL it prints no directory lines.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     out = subprocess.run(
-        ["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "demo"],
+        ["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "demo", *variables],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -119,6 +120,27 @@ def test_make_demo_serves_the_demo_pair_on_8000() -> None:
     assert Path(env["QUIVER_ARTIFACTS"]) == ROOT / "artifacts"
     settings = settings_from_env(env)
     assert settings.index_name == "dssm_demo"
+
+
+def test_make_demo_can_serve_the_sasrec_retriever() -> None:
+    steps = _demo_recipe("QUIVER_MODEL=sasrec_demo")
+    fits = [re.search(r"quiver-train fit --config (\S+)$", step) for step in steps]
+    assert [m.group(1) for m in fits if m] == [
+        "configs/dssm_demo.yaml",
+        "configs/sasrec_demo.yaml",
+        "configs/tdm_demo.yaml",
+    ]
+    assert any(re.search(r"quiver-index rebuild --model sasrec_demo\b", step) for step in steps)
+    env = dict(word.split("=", 1) for word in shlex.split(steps[-1]) if re.fullmatch(r"QUIVER_\w+=.*", word))
+    assert env["QUIVER_MODEL"] == "sasrec_demo" and settings_from_env(env).index_name == "sasrec_demo"
+
+
+def test_sasrec_demo_trains_on_the_demo_catalog(catalog: Path) -> None:
+    cfg = load_config(SASREC)
+    assert cfg.model.type == "sasrec" and cfg.output.name == "sasrec_demo"
+    assert cfg.data.path == load_config(DSSM).data.path  # the folder make demo writes
+    items = set(pq.read_schema(catalog / "artifacts" / "demo-data" / cfg.data.items).names)
+    assert {f.source for f in cfg.features.item} <= items
 
 
 def test_every_quiver_variable_in_the_makefile_is_a_service_setting() -> None:

@@ -159,7 +159,7 @@ def test_label_aware_attention_by_hand() -> None:
 
 def test_mind_training_forward_backpropagates_into_the_bilinear_map() -> None:
     model = _mind().train()
-    logits, aux = model(USERS, ITEMS, in_batch=False)
+    logits, aux = model(USERS, ITEMS, layout="sampled")
     assert logits.shape == (3, 1 + 3) and aux.item() == 0.0
     logits.logsumexp(1).sum().backward()
     assert model.routing.bilinear.weight.grad is not None and model.routing.bilinear.weight.grad.abs().sum() > 0
@@ -170,7 +170,7 @@ def test_best_interest_scoring_takes_each_candidates_best_active_interest() -> N
     with torch.no_grad():
         v = model.item_embedding(ITEMS)  # (3 positives + 3 negatives, D)
         vecs, mask = model.interests(USERS)
-        logits, _ = model(USERS, ITEMS, in_batch=False)  # (3, 1 + 3), divided by tau
+        logits, _ = model(USERS, ITEMS, layout="sampled")  # (3, 1 + 3), divided by tau
     for n in range(3):
         active = vecs[n][mask[n]]  # (k, D)
         pos = (active @ v[n]).max()
@@ -178,7 +178,7 @@ def test_best_interest_scoring_takes_each_candidates_best_active_interest() -> N
         expected = torch.cat([pos[None], neg]) / model.temperature
         assert torch.allclose(logits[n], expected, atol=1e-5)
     with torch.no_grad():  # in-batch: the other users' positives are the negatives
-        logits, _ = model(USERS, {k: t[:3] for k, t in ITEMS.items()}, in_batch=True)  # (3, 3)
+        logits, _ = model(USERS, {k: t[:3] for k, t in ITEMS.items()}, layout="in_batch")  # (3, 3)
     for n in range(3):
         expected = (vecs[n][mask[n]] @ v[:3].T).max(0).values / model.temperature
         assert torch.allclose(logits[n], expected, atol=1e-5)
@@ -197,8 +197,8 @@ def test_best_interest_by_hand_ignores_inactive_interests() -> None:
 def test_best_interest_and_label_aware_agree_for_one_interest_users() -> None:
     users = {k: t[1:] for k, t in USERS.items()}  # lengths 1 and 0: one active interest each
     items = {k: t[1:] for k, t in ITEMS.items()}  # their 2 positives, then 3 negatives
-    a, _ = _mind(train_scoring="best_interest").eval()(users, items, in_batch=False)
-    b, _ = _mind().eval()(users, items, in_batch=False)
+    a, _ = _mind(train_scoring="best_interest").eval()(users, items, layout="sampled")
+    b, _ = _mind().eval()(users, items, layout="sampled")
     assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -215,7 +215,7 @@ def _dat(**kw: object) -> DAT:
 
 def test_dat_amm_loss_by_hand_and_its_gradient_reaches_only_the_augmented_tables() -> None:
     model = _dat(amm_user_weight=0.5, amm_item_weight=2.0)
-    _, aux = model(USERS, ITEMS, in_batch=False)
+    _, aux = model(USERS, ITEMS, layout="sampled")
     with torch.no_grad():
         u, v = model.user_embedding(USERS), model.item_embedding(ITEMS)[:3]
         a_u = model.user_aug.weight[USERS["user_id"]]
@@ -273,6 +273,6 @@ def test_dropout_groups_feed_the_model_penalty() -> None:
     embedding = FeatureEmbedding(GROUPS, SIZES, variational_dropout=["user", "item"])
     cfg = DATConfig.model_validate({"type": "dat", "output_dim": 4, "amm_user_weight": 0, "amm_item_weight": 0})
     model = DAT(cfg, embedding)
-    _, aux = model(USERS, ITEMS, in_batch=False)
+    _, aux = model(USERS, ITEMS, layout="sampled")
     # two groups of one feature each, d = 0.5: 0.01 / 3 * (0.5 + 0.5)
     assert aux.item() == pytest.approx(PENALTY / 3 * 1.0)

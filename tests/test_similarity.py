@@ -28,9 +28,9 @@ def test_in_batch_similarity_and_labels() -> None:
     assert labels_for(sim, in_batch=True).tolist() == [0, 1]
 
 
-def test_in_batch_needs_exactly_b_item_rows() -> None:
-    with pytest.raises(ValueError, match="B=2"):
-        similarity(torch.ones(2, 3), torch.ones(3, 3), in_batch=True)
+def test_in_batch_needs_at_least_b_item_rows() -> None:
+    with pytest.raises(ValueError, match="B=3"):
+        similarity(torch.ones(3, 3), torch.ones(2, 3), in_batch=True)
 
 
 def test_sampled_similarity_puts_the_positive_in_column_0() -> None:
@@ -159,7 +159,7 @@ def test_all_zero_weights_give_zero_loss_and_zero_gradient() -> None:
 def test_recall_at_k_reference_vector() -> None:
     preds = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])
     # target column 0; top-2 of row 0 = columns 3, 2 (miss), of row 1 = columns 0, 1 (hit) -> 1 / 2
-    hits, total = recall_at_k(preds, in_batch=False, k=2)
+    hits, total = recall_at_k(preds, labels_for(preds, False), k=2)
     assert (hits, total) == (1, 2)
     assert hits / total == 0.5
 
@@ -167,10 +167,10 @@ def test_recall_at_k_reference_vector() -> None:
 def test_recall_at_k_in_batch_identity_target() -> None:
     logits = torch.tensor([[5.0, 1.0, 0.0], [4.0, 3.0, 2.0], [0.0, 9.0, 1.0]])
     # top-1: row 0 -> col 0 (hit), row 1 -> col 0 (miss, target 1), row 2 -> col 1 (miss, target 2)
-    assert recall_at_k(logits, in_batch=True, k=1) == (1, 3)
+    assert recall_at_k(logits, labels_for(logits, True), k=1) == (1, 3)
     # top-2: row 0 {0,1} hit, row 1 {0,1} hit, row 2 {1,2} hit
-    assert recall_at_k(logits, in_batch=True, k=2) == (3, 3)
-    assert recall_at_k(logits, in_batch=True, k=50) == (3, 3)  # K beyond the width is clamped
+    assert recall_at_k(logits, labels_for(logits, True), k=2) == (3, 3)
+    assert recall_at_k(logits, labels_for(logits, True), k=50) == (3, 3)  # K beyond the width is clamped
 
 
 # ---------------------------------------------------------------- embedding
@@ -314,7 +314,7 @@ def test_cosine_outputs_have_unit_norm_and_inner_product_is_raw() -> None:
     assert not torch.allclose(v_ip.norm(dim=1), torch.ones(5), atol=1e-3)
     assert torch.allclose(u_cos, u_ip / u_ip.norm(dim=1, keepdim=True), atol=1e-6)  # same towers, normalised
     with torch.no_grad():
-        logits, aux = cos(USER_BATCH, ITEM_BATCH, in_batch=False)
+        logits, aux = cos(USER_BATCH, ITEM_BATCH, layout="sampled")
     assert aux.item() == 0.0  # DSSM has no auxiliary loss
     assert logits.shape == (3, 1 + 2)
     assert logits.abs().max().item() <= 1.0 + 1e-6  # cosine at tau = 1
@@ -326,9 +326,9 @@ def test_temperature_divides_the_logits() -> None:
     half.load_state_dict(one.state_dict())
     items = {k: v[:3] for k, v in ITEM_BATCH.items()}
     with torch.no_grad():
-        for in_batch, batch in ((True, items), (False, ITEM_BATCH)):
-            a = one(USER_BATCH, batch, in_batch=in_batch).logits
-            b = half(USER_BATCH, batch, in_batch=in_batch).logits
+        for layout, batch in (("in_batch", items), ("sampled", ITEM_BATCH)):
+            a = one(USER_BATCH, batch, layout=layout).logits
+            b = half(USER_BATCH, batch, layout=layout).logits
             assert torch.equal(b, a * 2)  # x / 0.5 is exactly 2x in floating point
             assert not torch.equal(a, b)
 
@@ -338,7 +338,7 @@ def test_model_forward_with_hard_negatives_has_the_design_width() -> None:
     # rows: 3 positives, 1 sampled negative, 2 hard negatives (user 2 slot 0, user 0 slot 2) -> S = 3
     items = {k: v[[0, 1, 2, 3, 4, 0]] for k, v in ITEM_BATCH.items()}
     with torch.no_grad():
-        logits = model(USER_BATCH, items, in_batch=False, hard_neg_indices=torch.tensor([[2, 0], [0, 2]])).logits
+        logits = model(USER_BATCH, items, layout="sampled", hard_neg_indices=torch.tensor([[2, 0], [0, 2]])).logits
     assert logits.shape == (3, 1 + 1 + 3)
     m = torch.finfo(logits.dtype).min
     filled = logits > m
@@ -353,8 +353,9 @@ def test_model_forward_with_hard_negatives_has_the_design_width() -> None:
 def test_recall_at_k_counts_a_tie_with_the_target_as_a_hit() -> None:
     logits = torch.tensor([[1.0, 1.0, 1.0], [0.5, 2.0, 0.5]])
     # row 0: nothing scores above the target (column 0) -> hit at K=1; row 1: one column above it -> hit from K=2
-    assert recall_at_k(logits, in_batch=False, k=1) == (1, 2)
-    assert recall_at_k(logits, in_batch=False, k=2) == (2, 2)
+    assert recall_at_k(logits, labels_for(logits, False), k=1) == (1, 2)
+    assert recall_at_k(logits, labels_for(logits, False), k=2) == (2, 2)
     # empty hard-negative cells never outrank anything
     m = torch.finfo(torch.float32).min
-    assert recall_at_k(torch.tensor([[-5.0, -6.0, m, m]]), in_batch=False, k=1) == (1, 1)
+    floor_row = torch.tensor([[-5.0, -6.0, m, m]])
+    assert recall_at_k(floor_row, labels_for(floor_row, False), k=1) == (1, 1)

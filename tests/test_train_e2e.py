@@ -58,10 +58,9 @@ def test_onecycle_schedule_anneals_to_near_zero_by_the_last_step(demo_dir: Path,
     trainer = Trainer(cfg)
     lrs = []
     for epoch in range(2):
-        order = trainer.shard(epoch)
-        for s in trainer.batch_starts(len(order)):
+        for idx in trainer.batches(epoch):
             lrs.append(trainer.optimizer.param_groups[0]["lr"])  # the lr this step uses
-            trainer.step(order[s : s + cfg.train.batch_size])
+            trainer.step(idx)
     assert np.isclose(max(lrs), cfg.train.lr, rtol=1e-3)  # warms up to the configured lr
     assert lrs.index(max(lrs)) < len(lrs) // 2
     assert lrs[-1] < cfg.train.lr / 100  # and anneals away by the last step

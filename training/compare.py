@@ -18,20 +18,29 @@ from training.report import PER_USER_NAME
 _METRIC = re.compile(r"^(sampled_)?(HR|NDCG)@(\d+)$")
 
 
-def pairable(metric: str) -> bool:
-    """Whether per_user_values can split `metric` into per-user values."""
+def pairable(metric: str, arrays: dict[str, np.ndarray] | None = None) -> bool:
+    """Whether per_user_values can split `metric` into per-user values: HR@K and the sampled metrics always;
+    full-ranking NDCG@K where every user has one held-out item (leave-one-out), recorded as `truth_count`."""
     match = _METRIC.match(metric)
-    return match is not None and not (match.group(2) == "NDCG" and not match.group(1))
+    if match is None:
+        return False
+    if match.group(2) == "NDCG" and not match.group(1):
+        return arrays is not None and "truth_count" in arrays and bool(np.all(arrays["truth_count"] == 1))
+    return True
 
 
 def per_user_values(arrays: dict[str, np.ndarray], metric: str) -> np.ndarray:
     """(U,) float64 each user's contribution to `metric` (its mean over users is the metric).
 
     HR@K and sampled_HR@K / sampled_NDCG@K, the metrics with one relevant item per user or a first-hit definition;
-    full-ranking NDCG with several truth items is not a function of the first hit and is refused."""
+    full-ranking NDCG is a function of the first hit only when each user has one truth item (1 / log2(1 + rank)),
+    and is refused otherwise."""
     match = _METRIC.match(metric)
-    if match is None or not pairable(metric):
-        raise QuiverError(f"compare: no per-user values for {metric!r}; use HR@K, sampled_HR@K or sampled_NDCG@K")
+    if match is None or not pairable(metric, arrays):
+        raise QuiverError(
+            f"compare: no per-user values for {metric!r}; use HR@K, sampled_HR@K, sampled_NDCG@K, or NDCG@K on a "
+            "split with one held-out item per user"
+        )
     key = "sampled_rank" if match.group(1) else "hit_rank"
     if key not in arrays:
         raise QuiverError(f"compare: {metric} needs {key!r}, which this evaluation did not record")

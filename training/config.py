@@ -13,20 +13,30 @@ from models.errors import QuiverError
 from models.features import FeatureGroups
 from models.mind import MINDConfig
 from models.registry import ModelConfig
+from models.sequence import SequenceConfig
 from training.data.config import DataConfig
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
-MODEL_TYPES = ("dssm", "dat", "mind", "tdm")  # tdm: the reranker, its own config (training/tdm_config.py)
+MODEL_TYPES = (
+    "dssm",
+    "dat",
+    "mind",
+    "sasrec",
+    "hstu",
+    "tdm",
+)  # tdm: the reranker, its own config (training/tdm_config.py)
 
 
 class NegativeConfig(BaseModel):
     """in_batch: the other rows' positives are the negatives. sampled: `num` items per batch drawn from the
-    catalog by popularity^alpha (alpha 0 = uniform), excluding the batch's positives."""
+    catalog by popularity^alpha (alpha 0 = uniform), excluding the batch's positives (the sequence models draw from
+    the whole catalog and mask a row's own target). mixed: both, one (R, R + num) matrix. full: the whole catalog
+    (a full softmax; for catalogs small enough that R x items logits fit a step)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["in_batch", "sampled"] = "sampled"
+    mode: Literal["in_batch", "sampled", "mixed", "full"] = "sampled"
     num: int = Field(default=1024, ge=1)
     alpha: float = Field(default=0.75, ge=0.0)
     log_q: bool = True
@@ -69,6 +79,7 @@ class TrainConfig(BaseModel):
     valid_metric: str = "Recall@20"
     valid_users: int = Field(default=5000, ge=1)  # validation subsample, for speed
     max_minutes: float | None = Field(default=None, gt=0)  # stop after the epoch that crosses this budget
+    patience: int | None = Field(default=None, ge=1)  # stop after this many epochs without a better validation score
     progress: bool = True
 
 
@@ -113,9 +124,42 @@ class Config(BaseModel):
                     f"model.max_seq_len: {self.model.max_seq_len} is shorter than the histories the data section "
                     f"builds ({longest}, data.max_seq_len / data.query_seq_len)"
                 )
+        if isinstance(self.model, SequenceConfig):
+            self._sequence_checks(self.model)
         if any(k < 1 for k in self.eval.ks):
             raise ValueError("eval.ks: every K must be >= 1")
         return self
+
+    def _sequence_checks(self, model: SequenceConfig) -> None:
+        """What a sequence model needs of the rest of the config, refused before any data is read."""
+        kind = model.type  # type: ignore[attr-defined]
+        if self.data.history == "others":
+            raise ValueError(
+                f"data.history: a {kind} model reads the order of the history, and 'others' data has none "
+                "(use a pooled model such as dssm)"
+            )
+        longest = max(self.data.max_seq_len, self.data.query_seq_len or 0)
+        if longest > model.max_seq_len:
+            raise ValueError(
+                f"model.max_seq_len: {model.max_seq_len} is shorter than the histories the data section builds "
+                f"({longest}, data.max_seq_len / data.query_seq_len)"
+            )
+        if self.data.max_seq_len < 2:
+            raise ValueError(
+                f"data.max_seq_len: a {kind} model needs at least 2 positions, got {self.data.max_seq_len}"
+            )
+        if self.hard_negative.num_hard:
+            raise ValueError(f"hard_negative.num_hard: the {kind} model trains on every position; no hard negatives")
+        if self.features.user:
+            raise ValueError(f"features.user: a {kind} model's user tower reads the history alone (no user features)")
+        if len(self.features.hist) != 1 or self.features.hist[0].shared_with is None:
+            raise ValueError(
+                f"features.hist: a {kind} model reads one sequence feature that shares the item id table "
+                "(shared_with: item_id)"
+            )
+        width = self.features.hist[0].embedding_dim
+        if width % model.num_heads:
+            raise ValueError(f"model.num_heads: {model.num_heads} does not divide the sequence width {width}")
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -163,6 +163,7 @@ def evaluate_bundle(bundle_path: str | Path, out_dir: str | Path | None = None) 
     per_user = {
         "user_id": np.asarray([str(x) for x in enc.user_ids.take(enc.test.user_row[has_truth]).to_pylist()]),
         "hit_rank": scored.hit_rank[has_truth],
+        "truth_count": enc.test.truth.row_lengths()[has_truth],
     }
     if scored.sampled_rank is not None:
         per_user["sampled_rank"] = scored.sampled_rank[has_truth]

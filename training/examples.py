@@ -30,6 +30,7 @@ class Events:
     weight: np.ndarray  # (n,) float32
     hist: np.ndarray | None  # (n, L) int64: catalog row + 1 of earlier items, oldest first, 0 = padding
     others: OtherEvents | None = None  # instead of `hist` with data.history "others": drawn per step
+    time: np.ndarray | None = None  # (n,) int64 timestamps: the order of the sequence models' training rows
 
     def histories(self, idx: np.ndarray) -> np.ndarray:
         """(B, L) history of the events idx."""
@@ -113,7 +114,14 @@ def rows_of(values: pa.ChunkedArray | pa.Array, index: pa.Array, what: str) -> n
     return pos.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def encode(raw: RawData, encoder: FeatureEncoder, data: DataConfig, valid_users: int | None = None) -> EncodedData:
+def encode(
+    raw: RawData,
+    encoder: FeatureEncoder,
+    data: DataConfig,
+    valid_users: int | None = None,
+    event_histories: bool = True,
+) -> EncodedData:
+    """event_histories False: no per-event history matrix (sequence models train on whole sequences instead)."""
     users = user_universe(raw)
     user_index = users["user_id"].combine_chunks()
     item_index = raw.items["item_id"].combine_chunks()
@@ -130,10 +138,12 @@ def encode(raw: RawData, encoder: FeatureEncoder, data: DataConfig, valid_users:
     if len(tu) == 0:
         raise QuiverError("the training split is empty")
     weight = raw.train["weight"].to_numpy().astype(np.float32)
-    if shuffle:
-        train = Events(tu, ti, weight, None, OtherEvents(tu, ti + 1, data.max_seq_len, data.seed))
+    if not event_histories:
+        train = Events(tu, ti, weight, None, time=tt)
+    elif shuffle:
+        train = Events(tu, ti, weight, None, OtherEvents(tu, ti + 1, data.max_seq_len, data.seed), time=tt)
     else:
-        train = Events(tu, ti, weight, build_histories(tu, tt, ti + 1, data.max_seq_len)[0])
+        train = Events(tu, ti, weight, build_histories(tu, tt, ti + 1, data.max_seq_len)[0], time=tt)
     popularity = np.bincount(ti, minlength=n_items).astype(np.float32)
 
     seq_codes = {}

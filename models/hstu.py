@@ -1,0 +1,70 @@
+"""HSTU (DESIGN §4; Zhai et al. 2024): pointwise-gated causal attention over the history.
+
+One block, for x (B, T, d), H heads of width dh = d / H:
+    U, V, Q, K = split(SiLU(W1 LN(x)))                   each (B, T, d); Q, K, V split into H heads (B, H, T, dh)
+    A = SiLU(Q Kᵀ / √dh + rab) ⊙ mask / n                (B, H, T, T); n = the query row's valid keys (s <= t)
+    x = x + Dropout(W2 (LN(A V) ⊙ U))                    A V heads concatenated back to (B, T, d)
+No softmax: the weights are SiLU's, so a key can add nothing (weight ~0) or more than its share; dividing by n keeps
+the scale independent of how long the history is. rab is a learnt relative-position bias, one weight per distance
+t - s (0 .. max_seq_len - 1, exact: histories are short enough that every distance is its own bucket), shared by
+the heads.
+"""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.embedding import FeatureEmbedding
+from models.sequence import SequenceConfig, SequenceModel
+
+
+class HSTUConfig(SequenceConfig):
+    type: Literal["hstu"]
+
+
+class RelativePositionBias(nn.Module):
+    """rab[t, s] = w[t - s] for s <= t (the causal mask hides s > t): (T, T)."""
+
+    def __init__(self, max_len: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(max_len))
+
+    def forward(self, t: int) -> torch.Tensor:
+        pos = torch.arange(t, device=self.weight.device)
+        distance = (pos[:, None] - pos[None, :]).clamp(0, len(self.weight) - 1)  # (T, T)
+        return self.weight[distance]
+
+
+class HSTUBlock(nn.Module):
+    def __init__(self, d: int, num_heads: int, max_len: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_in = nn.LayerNorm(d)
+        self.uvqk = nn.Linear(d, 4 * d)  # W1
+        self.norm_attn = nn.LayerNorm(d)
+        self.out = nn.Linear(d, d)  # W2
+        self.rab = RelativePositionBias(max_len)
+        self.dropout = nn.Dropout(dropout)
+        self.num_heads = num_heads
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d), mask (B, 1, T, T) True where query t reads key s -> (B, T, d)."""
+        b, t, d = x.shape
+        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # each (B, T, d)
+        heads = lambda z: z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)  # noqa: E731 (B,H,T,dh)
+        q, k, v = heads(q), heads(k), heads(v)
+        logits = q @ k.transpose(-1, -2) / (d // self.num_heads) ** 0.5 + self.rab(t)  # (B, H, T, T)
+        n = mask.sum(-1, keepdim=True).clamp_min(1)  # (B, 1, T, 1) valid keys of each query row
+        a = F.silu(logits) * mask / n  # (B, H, T, T)
+        av = (a @ v).transpose(1, 2).reshape(b, t, d)  # (B, T, d)
+        return x + self.dropout(self.out(self.norm_attn(av) * u))
+
+
+class HSTU(SequenceModel):
+    def __init__(self, cfg: HSTUConfig, embedding: FeatureEmbedding) -> None:
+        super().__init__(cfg, embedding)
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(
+            HSTUBlock(self.d_model, cfg.num_heads, cfg.max_seq_len, cfg.dropout) for _ in range(cfg.num_blocks)
+        )
