@@ -29,10 +29,12 @@ def query_vectors(bundle: ModelBundle, n: int = 1000, seed: int = 0, batch: int 
     rows = np.sort(np.random.default_rng(seed).choice(users.num_rows, size=min(n, users.num_rows), replace=False))
     out: list[np.ndarray] = []
     has_history = "history" in users.column_names
+    has_times = "history_time" in users.column_names  # kept for models that read the history's timestamps
     for s in range(0, len(rows), batch):
         part = users.take(rows[s : s + batch])
         histories = part.column("history").to_pylist() if has_history else [[] for _ in range(part.num_rows)]
-        vectors, mask = user_vectors(bundle, part, [h or [] for h in histories])  # (B, K, D), (B, K)
+        times = [t or [] for t in part.column("history_time").to_pylist()] if has_times else None
+        vectors, mask = user_vectors(bundle, part, [h or [] for h in histories], times=times)  # (B, K, D), (B, K)
         out.append(vectors[mask].float().cpu().numpy())  # (active, D)
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 

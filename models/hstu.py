@@ -7,21 +7,25 @@ One block, for x (B, T, d), H heads of width dh = d / H:
 No softmax: the weights are SiLU's, so a key can add nothing (weight ~0) or more than its share; dividing by n keeps
 the scale independent of how long the history is. rab is a learnt relative-position bias, one weight per distance
 t - s (0 .. max_seq_len - 1, exact: histories are short enough that every distance is its own bucket), shared by
-the heads.
+the heads; with `time_buckets` > 0 it also holds a learnt weight per time-distance bucket
+floor(log2(max(|ts_t - ts_s|, 1))) (seconds: bucket 12 is about an hour, 16 a day, 20 two weeks), read from the
+batch's history timestamps (HIST_TIME).
 """
 
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from models.embedding import FeatureEmbedding
-from models.sequence import SequenceConfig, SequenceModel
+from models.embedding import Batch, FeatureEmbedding
+from models.sequence import HIST_TIME, SequenceConfig, SequenceModel
 
 
 class HSTUConfig(SequenceConfig):
     type: Literal["hstu"]
+    time_buckets: int = Field(default=0, ge=0)  # 0: positions only; else log2 time-distance buckets (data timestamps)
 
 
 class RelativePositionBias(nn.Module):
@@ -48,13 +52,15 @@ class HSTUBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.num_heads = num_heads
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """x (B, T, d), mask (B, 1, T, T) True where query t reads key s -> (B, T, d)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d), mask (B, 1, T, T) True where query t reads key s, bias (B, 1, T, T) or None -> (B, T, d)."""
         b, t, d = x.shape
         u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # each (B, T, d)
         heads = lambda z: z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)  # noqa: E731 (B,H,T,dh)
         q, k, v = heads(q), heads(k), heads(v)
         logits = q @ k.transpose(-1, -2) / (d // self.num_heads) ** 0.5 + self.rab(t)  # (B, H, T, T)
+        if bias is not None:
+            logits = logits + bias
         n = mask.sum(-1, keepdim=True).clamp_min(1)  # (B, 1, T, 1) valid keys of each query row
         a = F.silu(logits) * mask / n  # (B, H, T, T)
         av = (a @ v).transpose(1, 2).reshape(b, t, d)  # (B, T, d)
@@ -68,3 +74,15 @@ class HSTU(SequenceModel):
         self.blocks = nn.ModuleList(
             HSTUBlock(self.d_model, cfg.num_heads, cfg.max_seq_len, cfg.dropout) for _ in range(cfg.num_blocks)
         )
+        self.time_bias = nn.Parameter(torch.zeros(cfg.time_buckets)) if cfg.time_buckets else None
+
+    def attention_bias(self, batch: Batch, cols: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, T, T) learnt weight of each (query, key) pair's time-distance bucket; None without time buckets."""
+        if self.time_bias is None:
+            return None
+        if HIST_TIME not in batch:
+            raise ValueError(f"hstu with time_buckets reads the history's timestamps: the batch has no {HIST_TIME!r}")
+        ts = batch[HIST_TIME].gather(1, cols).to(torch.float64)  # (B, T) seconds, aligned with the codes
+        gap = (ts[:, :, None] - ts[:, None, :]).abs().clamp_min(1.0)  # (B, T, T)
+        bucket = torch.log2(gap).floor().long().clamp(0, len(self.time_bias) - 1)
+        return self.time_bias[bucket].unsqueeze(1)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from models.bundle import ModelBundle
 from models.embedding import Batch
 from models.features import FeatureEncoder
+from models.sequence import HIST_TIME
 
 
 def history_length(bundle: ModelBundle) -> int:
@@ -43,6 +44,15 @@ def history_codes(encoder: FeatureEncoder, histories: Sequence[Sequence[str]], l
         mask = np.arange(length)[None, :] < lengths[:, None]  # (B, L) left-aligned
         mat[mask] = codes
         out[f.name] = mat
+    return out
+
+
+def history_times(times: Sequence[Sequence[int]], length: int) -> np.ndarray:
+    """Each history's timestamps as (B, length), laid out like history_codes (the latest `length`, left-aligned)."""
+    out = np.zeros((len(times), length), dtype=np.int64)
+    for row, t in enumerate(times):
+        cut = list(t)[-length:] if length > 0 else []
+        out[row, : len(cut)] = cut
     return out
 
 
@@ -82,9 +92,14 @@ def user_vectors(
     users: pa.Table,
     histories: Sequence[Sequence[str]],
     device: torch.device | str = "cpu",
+    times: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """User-tower output for rows of a user table (user_id + profile columns) and their histories:
-    (B, K, D) interest vectors and their (B, K) mask (K = 1 except for multi-interest models)."""
+    """User-tower output for rows of a user table (user_id + profile columns) and their histories (and, for a model
+    that reads them, the histories' timestamps): (B, K, D) interest vectors and their (B, K) mask (K = 1 except for
+    multi-interest models)."""
     dev = torch.device(device)
-    feats = user_features(bundle.encoder, users) | history_codes(bundle.encoder, histories, history_length(bundle))
+    length = history_length(bundle)
+    feats = user_features(bundle.encoder, users) | history_codes(bundle.encoder, histories, length)
+    if times is not None:
+        feats[HIST_TIME] = history_times(times, length)
     return bundle.model.interests(to_batch(feats, slice(None), dev))

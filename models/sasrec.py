@@ -67,7 +67,7 @@ class SASRecBlock(nn.Module):
         self.attn_res = Residual(d, dropout, gated)
         self.ffn_res = Residual(d, dropout, gated)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.attn_res(x, self.attn, mask)  # (B, T, d)
         return self.ffn_res(x, self.ffn)
 

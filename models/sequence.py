@@ -25,6 +25,8 @@ from models.embedding import Batch, FeatureEmbedding
 from models.match import MatchModel, Similarity
 from models.mlp import MLP, TowerConfig
 
+HIST_TIME = "hist_time"  # batch key of the history's timestamps (B, L), laid out like the history codes
+
 
 class SequenceConfig(BaseModel):
     """Keys both sequence models take; each adds its block's own."""
@@ -42,13 +44,22 @@ class SequenceConfig(BaseModel):
     variational_dropout: list[Literal["item"]] = Field(default_factory=list)  # the item group only
 
 
+def reads_time(cfg: BaseModel) -> bool:
+    """Whether a model config reads the history's timestamps (batch key HIST_TIME) beside its codes."""
+    return getattr(cfg, "time_buckets", 0) > 0
+
+
 def right_align(codes: torch.Tensor) -> torch.Tensor:
     """(B, T) codes, 0 = padding anywhere -> the same items in the same order, padding moved to the left.
 
     A stable sort on "is an item" keeps the items' order, so a row that is already right-aligned is unchanged: the
     matrices of training (right-aligned), evaluation and serving (left-aligned) give one layout."""
-    order = torch.sort((codes != 0).to(torch.int8), dim=1, stable=True).indices  # (B, T) padding first
-    return codes.gather(1, order)
+    return codes.gather(1, aligned_columns(codes))
+
+
+def aligned_columns(codes: torch.Tensor) -> torch.Tensor:
+    """(B, T) the source column of each right-aligned position (gather anything laid out like the codes with it)."""
+    return torch.sort((codes != 0).to(torch.int8), dim=1, stable=True).indices  # padding first
 
 
 def attention_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -96,28 +107,37 @@ class SequenceModel(MatchModel):
     def item_tower(self, batch: Batch) -> torch.Tensor:
         return self.item_mlp(self.embedding("item", batch))  # (N, item_in) -> (N, D)
 
-    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The embedded sequence (B, T, d) and its (B, T) valid mask: right-aligned, at most max_seq_len positions,
-        trimmed to the longest row of the batch."""
-        codes = right_align(batch[self.hist_feature.name])  # (B, T_in)
+    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The embedded sequence (B, T, d), its (B, T) valid mask and the (B, T) source column of each position:
+        right-aligned, at most max_seq_len positions, trimmed to the longest row of the batch."""
+        raw = batch[self.hist_feature.name]  # (B, T_in)
+        cols = aligned_columns(raw)
+        codes = raw.gather(1, cols)
         longest = max(int((codes != 0).sum(1).max()) if codes.numel() else 0, 1)
-        codes = codes[:, -min(longest, self.max_seq_len) :]  # (B, T): the most recent items
+        keep = min(longest, self.max_seq_len)
+        codes, cols = codes[:, -keep:], cols[:, -keep:]  # (B, T): the most recent items
         t = codes.shape[1]
         x = self.embedding.lookup(self.hist_feature, codes)  # (B, T, d)
         x = x * math.sqrt(self.d_model) + self.positions.weight[self.max_seq_len - t :]  # (B, T, d)
         valid = codes != 0
-        return self.input_dropout(x) * valid.unsqueeze(-1), valid
+        return self.input_dropout(x) * valid.unsqueeze(-1), valid, cols
 
-    def encode(self, x: torch.Tensor, valid: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """(B, T, d) inputs -> (B, T, d) states; the blocks see the whole batch (HSTU reads timestamps from it)."""
+    def encode(self, x: torch.Tensor, valid: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d) inputs -> (B, T, d) states; `bias` (B, 1, T, T) is added to every block's attention logits."""
         mask = attention_mask(valid)  # (B, 1, T, T)
         for block in self.blocks:
-            x = block(x, mask, valid)
+            x = block(x, mask, bias) if bias is not None else block(x, mask)
         return self.final_norm(x)
 
+    def attention_bias(self, batch: Batch, cols: torch.Tensor) -> torch.Tensor | None:
+        """A per-batch bias on the attention logits, from what the batch carries besides the codes (HSTU's time
+        buckets); none by default."""
+        return None
+
     def states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, valid = self.inputs(batch)
-        return self.finish(self.user_out(self.encode(x, valid, batch))), valid  # (B, T, D), (B, T)
+        x, valid, cols = self.inputs(batch)
+        h = self.encode(x, valid, self.attention_bias(batch, cols))
+        return self.finish(self.user_out(h)), valid  # (B, T, D), (B, T)
 
     def interests(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The state after the latest item, (B, 1, D); an empty history gives the state of padding alone."""

@@ -23,6 +23,7 @@ from models.bundle import ModelBundle, load_bundle, read_manifest, resolve_bundl
 from models.errors import QuiverError
 from models.inputs import history_codes, history_length, to_batch, user_features
 from models.rank import Ranker, retriever_model
+from models.sequence import reads_time
 from service.settings import Settings
 from service.userstate import BundleUsers, UserState
 
@@ -79,6 +80,11 @@ class Runtime:
     def __init__(self, model: ModelBundle, index: IndexBundle, ranker: Ranker | None) -> None:
         self.model = model
         self.retriever = retriever_model(model).eval()
+        if reads_time(getattr(self.retriever, "cfg", None)):
+            raise QuiverError(
+                f"{model.path}: the model reads history timestamps (hstu time_buckets), and the service's histories "
+                "(request, Redis, bundle) carry item ids only; serve a model trained with time_buckets: 0"
+            )
         self.index = index
         self.ranker = ranker
         self.loaded_at = time.time()

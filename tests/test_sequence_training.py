@@ -35,10 +35,11 @@ def test_sequences_are_the_latest_items_right_aligned_in_time_order() -> None:
     # width L + 1 = 3, catalog row + 1: user 0's latest three are 12, 13, 10
     assert seq.items.tolist() == [[13, 14, 11], [0, 21, 22]]
     assert seq.positions.tolist() == [2, 1]
-    inputs, targets = seq.take(np.array([0, 1]))
+    inputs, targets, input_times = seq.take(np.array([0, 1]))
     assert inputs.tolist() == [[13, 14], [0, 21]]
     assert targets.tolist() == [[14, 11], [0, 22]]  # each input's next item; none where the input is padding
-    short_inputs, _ = seq.take(np.array([1]))
+    assert input_times.tolist() == [[2, 3], [0, 5]]
+    short_inputs, _, _ = seq.take(np.array([1]))
     assert short_inputs.tolist() == [[21]]  # trimmed to the batch's longest row
 
 
@@ -79,7 +80,7 @@ def test_leave_one_out_items_never_enter_a_training_row(tmp_path: Path) -> None:
     rows = set((seq.items[seq.items > 0] - 1).tolist())
     assert not rows & held_out
     for idx in trainer.batches(0):
-        inputs, targets = seq.take(idx)
+        inputs, targets, _ = seq.take(idx)
         assert not set((inputs[inputs > 0] - 1).tolist()) & held_out
         assert not set((targets[targets > 0] - 1).tolist()) & held_out
     # Each user's row is their training items in order: i{u}_0 .. i{u}_{n-3}, the latest L + 1 of them.
@@ -133,7 +134,7 @@ def test_rows_are_every_valid_position_with_its_next_item(sasrec_trainer: Traine
     assert seq is not None
     idx = trainer.batches(0)[3]
     rows = trainer.rows(idx)
-    inputs, targets = seq.take(idx)
+    inputs, targets, _ = seq.take(idx)
     assert len(rows.positives) == int((inputs > 0).sum()) == int(seq.positions[idx].sum())
     assert rows.positives.tolist() == (targets[inputs > 0] - 1).tolist()
     model_rows, _ = trainer.model.train_interests(rows.user_batch)
@@ -238,3 +239,29 @@ def test_patience_stops_after_epochs_without_a_better_score(demo_dir: Path, tmp_
     result = fit(parse_config(cfg, "test"))
     epochs = len(result.metrics["history"])
     assert epochs < 30 and epochs == result.metrics["best_epoch"] + 1
+
+
+def test_hstu_with_time_buckets_trains_on_the_data_clock(demo_dir: Path, tmp_path: Path) -> None:
+    cfg = sequence_config(demo_dir, tmp_path / "models", "hstu", num_threads=1, epochs=1)
+    cfg["model"]["time_buckets"] = 24
+    trainer = Trainer(parse_config(cfg, "test"))
+    assert trainer.enc.valid is not None and trainer.enc.valid.hist_time is not None
+    q = trainer.enc.valid
+    assert ((q.hist > 0) == (q.hist_time > 0)).all()  # a timestamp for every history item, none for padding
+    rows = trainer.rows(trainer.batches(0)[0])
+    assert "hist_time" in rows.user_batch
+    result = trainer.fit()
+    assert result.bundle is not None and np.isfinite(result.metrics["valid_Recall@20"])
+    bundle = load_bundle(result.bundle)
+    assert bundle.model.time_bias is not None and bundle.model.time_bias.abs().sum() > 0  # it learnt something
+    from index.bundle import load_index
+    from service.runtime import Runtime
+
+    index = load_index(build(result.bundle, tmp_path / "indexes", factory="Flat").path)
+    with pytest.raises(QuiverError, match="time_buckets"):  # served histories carry no timestamps yet
+        Runtime(bundle, index, None)
+    lines = tmp_path / "seq.txt"
+    lines.write_text("u1 a b c\nu2 b c d\n")
+    cfg["data"] = {"format": "sequence_lines", "path": str(lines), "max_seq_len": 20}
+    with pytest.raises(QuiverError, match=r"model\.time_buckets: sequence-line files carry no clock"):
+        parse_config(cfg, "test")

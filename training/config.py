@@ -13,7 +13,7 @@ from models.errors import QuiverError
 from models.features import FeatureGroups
 from models.mind import MINDConfig
 from models.registry import ModelConfig
-from models.sequence import SequenceConfig
+from models.sequence import SequenceConfig, reads_time
 from training.data.config import DataConfig
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -156,6 +156,10 @@ class Config(BaseModel):
             raise ValueError(
                 f"features.hist: a {kind} model reads one sequence feature that shares the item id table "
                 "(shared_with: item_id)"
+            )
+        if reads_time(model) and self.data.format == "sequence_lines":
+            raise ValueError(
+                "model.time_buckets: sequence-line files carry no clock (their timestamps are positions); set it to 0"
             )
         width = self.features.hist[0].embedding_dim
         if width % model.num_heads:

@@ -11,6 +11,7 @@ import torch
 from models.bundle import load_bundle
 from models.errors import QuiverError
 from models.match import MatchModel
+from models.sequence import reads_time
 from training.config import parse_config
 from training.data.load import load_data
 from training.examples import EncodedData, Queries, encode
@@ -40,8 +41,16 @@ def user_vectors(
     model: MatchModel, enc: EncodedData, q: Queries, device: torch.device, batch: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, K, D) serving vectors of each query and their (Q, K) active mask (K = 1 but for MIND)."""
+    times = q.hist_time
     out = [
-        model.interests(enc.user_batch(q.user_row[s : s + batch], q.hist[s : s + batch], device))
+        model.interests(
+            enc.user_batch(
+                q.user_row[s : s + batch],
+                q.hist[s : s + batch],
+                device,
+                times[s : s + batch] if times is not None else None,
+            )
+        )
         for s in range(0, len(q.user_row), batch)
     ]
     return torch.cat([v for v, _ in out]), torch.cat([m for _, m in out])
@@ -138,7 +147,7 @@ def evaluate_bundle(bundle_path: str | Path, out_dir: str | Path | None = None) 
     cfg = parse_config(bundle.manifest["config"], f"{bundle.path}/manifest.json")
     torch.set_num_threads(cfg.train.num_threads)
     raw = load_data(cfg.data)
-    enc = encode(raw, bundle.encoder, cfg.data)
+    enc = encode(raw, bundle.encoder, cfg.data, history_times=reads_time(cfg.model))
     if enc.test is None:
         raise QuiverError(f"data: {cfg.data.path} has no test split to evaluate")
     ks, device = cfg.eval.ks, torch.device("cpu")

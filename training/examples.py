@@ -13,6 +13,7 @@ import torch
 
 from models.errors import QuiverError
 from models.features import FeatureEncoder
+from models.sequence import HIST_TIME
 from training.data.config import DataConfig
 from training.data.history import OtherEvents, build_histories
 from training.data.schema import RawData
@@ -49,6 +50,7 @@ class Queries:
     truth: Csr  # Q rows of catalog rows
     exclude: Csr  # Q rows: items already interacted with, never recommended again
     negatives: np.ndarray | None = None  # (Q, M) catalog rows of the sampled protocol
+    hist_time: np.ndarray | None = None  # (Q, L) timestamps aligned with hist, for models that read them
 
 
 @dataclass
@@ -65,6 +67,7 @@ class EncodedData:
     valid: Queries | None
     test: Queries | None
     recent: np.ndarray  # (U, L) catalog row + 1 of each user's latest items over every split: the serving state
+    recent_time: np.ndarray | None = None  # (U, L) their timestamps, for models that read them
 
     @property
     def n_items(self) -> int:
@@ -75,10 +78,21 @@ class EncodedData:
         ids = np.asarray(self.items["item_id"].to_pylist(), dtype=object)
         return [[str(x) for x in ids[row[row > 0] - 1]] for row in self.recent]
 
-    def user_batch(self, user_row: np.ndarray, hist: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    def recent_times(self) -> list[list[int]] | None:
+        """The timestamps of recent_items(), where the encoding kept them."""
+        if self.recent_time is None:
+            return None
+        return [times[row > 0].tolist() for row, times in zip(self.recent, self.recent_time, strict=True)]
+
+    def user_batch(
+        self, user_row: np.ndarray, hist: np.ndarray, device: torch.device, hist_time: np.ndarray | None = None
+    ) -> dict[str, torch.Tensor]:
+        """hist_time (B, L): the history's timestamps, for a model that reads them (HSTU's time buckets)."""
         batch = {name: _tensor(values[user_row], device) for name, values in self.user_feats.items()}
         for name, codes in self.seq_codes.items():
             batch[name] = _tensor(codes[hist], device)  # (B, L)
+        if hist_time is not None:
+            batch[HIST_TIME] = _tensor(hist_time, device)  # (B, L)
         return batch
 
     def item_batch(self, item_row: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
@@ -120,8 +134,10 @@ def encode(
     data: DataConfig,
     valid_users: int | None = None,
     event_histories: bool = True,
+    history_times: bool = False,
 ) -> EncodedData:
-    """event_histories False: no per-event history matrix (sequence models train on whole sequences instead)."""
+    """event_histories False: no per-event history matrix (sequence models train on whole sequences instead).
+    history_times: the queries also carry their histories' timestamps (`Queries.hist_time`)."""
     users = user_universe(raw)
     user_index = users["user_id"].combine_chunks()
     item_index = raw.items["item_id"].combine_chunks()
@@ -159,14 +175,14 @@ def encode(
     valid = test = None
     if "valid" in held:
         vu, vi, _ = held["valid"]
-        valid = make_queries((tu, tt, ti), (vu, vi), n_users, query_len, shuffle, limit=valid_users)
+        valid = make_queries((tu, tt, ti), (vu, vi), n_users, query_len, shuffle, valid_users, history_times)
     if "test" in held:
         su, si, _ = held["test"]
         seen = (tu, tt, ti)
         if "valid" in held:
             vu, vi, vt = held["valid"]
             seen = (np.concatenate([tu, vu]), np.concatenate([tt, vt]), np.concatenate([ti, vi]))
-        test = make_queries(seen, (su, si), n_users, query_len, shuffle)
+        test = make_queries(seen, (su, si), n_users, query_len, shuffle, times=history_times)
         if raw.test_negatives:
             test.negatives = negatives_for(raw, test.user_row, user_index, item_index)
             if valid is not None:
@@ -178,6 +194,11 @@ def encode(
     return EncodedData(
         encoder=encoder,
         recent=history_now((all_u, all_t, all_i), np.arange(n_users), query_len, shuffle),
+        recent_time=(
+            history_now((all_u, all_t, all_i), np.arange(n_users), query_len, shuffle, values=all_t)
+            if history_times
+            else None
+        ),
         user_ids=user_index,
         users=users,
         items=raw.items,
@@ -196,13 +217,19 @@ def subsample(q: Queries, limit: int | None, seed: int = 0) -> Queries:
     if limit is None or len(q.user_row) <= limit:
         return q
     keep = np.sort(np.random.default_rng(seed).choice(len(q.user_row), limit, replace=False))
-    return Queries(q.user_row[keep], q.hist[keep], q.truth.take(keep), q.exclude.take(keep))
+    times = q.hist_time[keep] if q.hist_time is not None else None
+    return Queries(q.user_row[keep], q.hist[keep], q.truth.take(keep), q.exclude.take(keep), hist_time=times)
 
 
 def history_now(
-    seen: tuple[np.ndarray, np.ndarray, np.ndarray], query_users: np.ndarray, length: int, shuffle: bool
+    seen: tuple[np.ndarray, np.ndarray, np.ndarray],
+    query_users: np.ndarray,
+    length: int,
+    shuffle: bool,
+    values: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(Q, length) catalog row + 1 of each query user's latest `length` seen items, oldest first, 0-padded.
+    """(Q, length) catalog row + 1 of each query user's latest `length` seen items, oldest first, 0-padded; with
+    `values` (n,), those events' values instead (their timestamps, say), laid out alike.
 
     Same ordering as build_histories (by time, equal times by row), computed for the query users only: memory is
     (Q, length), not (events, length). shuffle: the events have no order (data.history "others"), so a seeded random
@@ -212,7 +239,7 @@ def history_now(
     if shuffle:
         st = np.random.default_rng(0).permutation(len(su)).astype(np.int64)
     order = np.lexsort((st, su))  # (n,) by user, then time, then row
-    items = si[order] + 1
+    items = si[order] + 1 if values is None else values[order]
     n_users = int(max(su.max(initial=-1), query_users.max(initial=-1))) + 1
     counts = np.bincount(su, minlength=n_users)
     ends = np.cumsum(counts)[query_users]  # (Q,)
@@ -229,8 +256,10 @@ def make_queries(
     length: int,
     shuffle: bool = False,
     limit: int | None = None,
+    times: bool = False,
 ) -> Queries:
-    """One query per user with held-out items: history = their seen items (history_now), truth = all held-out items."""
+    """One query per user with held-out items: history = their seen items (history_now), truth = all held-out items;
+    times: also the history's timestamps."""
     su, _, si = seen
     hu, hi = held_out
     query_users = np.unique(hu)  # (Q,)
@@ -243,7 +272,8 @@ def make_queries(
     truth = Csr.from_pairs(q_of_user[hu[keep]], hi[keep], len(query_users))
     seen_keep = q_of_user[su] >= 0
     exclude = Csr.from_pairs(q_of_user[su[seen_keep]], si[seen_keep], len(query_users))
-    return Queries(query_users, hist, truth, exclude)
+    hist_time = history_now(seen, query_users, length, shuffle, values=seen[1]) if times else None
+    return Queries(query_users, hist, truth, exclude, hist_time=hist_time)
 
 
 def uniform_negatives(

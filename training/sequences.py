@@ -17,12 +17,13 @@ class Sequences:
     user_row: np.ndarray  # (S,) int64: users with at least two training items
     items: np.ndarray  # (S, L + 1) int64 catalog row + 1, oldest first, right-aligned, 0 = padding
     positions: np.ndarray  # (S,) valid input positions of each row (items - 1)
+    times: np.ndarray  # (S, L + 1) int64 timestamps laid out like `items`, 0 = padding
 
     @classmethod
     def build(cls, users: np.ndarray, items: np.ndarray, times: np.ndarray, length: int) -> "Sequences":
         """users, items (catalog rows), times: (n,) training events in any order; equal times keep row order."""
         order = np.lexsort((np.arange(len(users)), times, users))  # (n,) by user, then time, then row
-        su, si = users[order], items[order] + 1
+        su, si, st = users[order], items[order] + 1, times[order]
         starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]]) if len(su) else np.zeros(0, dtype=np.int64)
         counts = np.diff(np.r_[starts, len(su)])  # (U',)
         keep = counts >= 2
@@ -33,8 +34,11 @@ class Sequences:
         cols = np.arange(width)[None, :]  # (1, L + 1)
         src = ends[:, None] - width + cols  # (S, L + 1) right-aligned: the last column is the latest item
         valid = cols >= width - take[:, None]
-        mat = np.where(valid, si[np.where(valid, src, 0)] if len(si) else 0, 0)
-        return cls(su[starts], mat.astype(np.int64), take - 1)
+
+        def layout(values: np.ndarray) -> np.ndarray:
+            return np.where(valid, values[np.where(valid, src, 0)] if len(values) else 0, 0).astype(np.int64)
+
+        return cls(su[starts], layout(si), take - 1, layout(st))
 
     def __len__(self) -> int:
         return len(self.user_row)
@@ -50,9 +54,10 @@ class Sequences:
         per_rank = len(chunks) // world
         return [chunks[i] for i in order[rank::world][:per_rank]]
 
-    def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """inputs, targets (B, T), T the longest row's positions: input t's next item is target t (0 = none)."""
+    def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """inputs, targets, input times (B, T), T the longest row's positions: input t's next item is target t
+        (0 = none)."""
         t = max(int(self.positions[idx].max(initial=0)), 1)
         rows = self.items[idx, -(t + 1) :]  # (B, T + 1)
         inputs, targets = rows[:, :-1], rows[:, 1:]
-        return np.where(inputs > 0, inputs, 0), np.where(inputs > 0, targets, 0)
+        return inputs, np.where(inputs > 0, targets, 0), self.times[idx, -(t + 1) : -1]

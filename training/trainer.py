@@ -32,7 +32,7 @@ from models.errors import QuiverError
 from models.features import FeatureEncoder
 from models.match import Layout, MatchModel
 from models.registry import build_model
-from models.sequence import SequenceConfig
+from models.sequence import SequenceConfig, reads_time
 from models.similarity import labels_for, mask_collisions, recall_at_k, softmax_loss
 from training.config import Config
 from training.data.load import load_data
@@ -122,7 +122,10 @@ class Trainer:
         self.raw = load_data(cfg.data)
         self.encoder = FeatureEncoder.fit(cfg.features, self.raw.train, self.raw.users, self.raw.items)
         sequential = isinstance(cfg.model, SequenceConfig)
-        self.enc: EncodedData = encode(self.raw, self.encoder, cfg.data, cfg.train.valid_users, not sequential)
+        self.reads_time = reads_time(cfg.model)
+        self.enc: EncodedData = encode(
+            self.raw, self.encoder, cfg.data, cfg.train.valid_users, not sequential, self.reads_time
+        )
         self.sequences: Sequences | None = None
         if sequential:
             ev = self.enc.train
@@ -195,11 +198,12 @@ class Trainer:
     def rows(self, idx: np.ndarray) -> Rows:
         enc, dev = self.enc, self.device
         if self.sequences is not None:
-            inputs, targets = self.sequences.take(idx)  # (B, T) each, right-aligned
+            inputs, targets, times = self.sequences.take(idx)  # (B, T) each, right-aligned
             valid = inputs > 0  # the model's training rows: these positions, row-major
             users = self.sequences.user_row[idx]
             positives = targets[valid] - 1  # (P,)
-            return Rows(enc.user_batch(users, inputs, dev), positives, np.ones(len(positives), np.float32), users)
+            batch = enc.user_batch(users, inputs, dev, times if self.reads_time else None)
+            return Rows(batch, positives, np.ones(len(positives), np.float32), users)
         ev = enc.train
         return Rows(
             enc.user_batch(ev.user_row[idx], ev.histories(idx), dev), ev.item_row[idx], ev.weight[idx], ev.user_row[idx]
@@ -339,6 +343,9 @@ def write_bundle(trainer: Any, extra: dict[str, Any]) -> Path:
     enc, cfg = trainer.enc, trainer.cfg
     # The bundle's own columns win over same-named columns of the input tables.
     users = set_column(enc.users, "history", pa.array(enc.recent_items(), pa.list_(pa.string())))
+    times = enc.recent_times()
+    if times is not None:  # a model that reads the history's timestamps keeps them beside the history
+        users = set_column(users, "history_time", pa.array(times, pa.list_(pa.int64())))
     items = set_column(enc.items, "popularity", pa.array(enc.popularity.astype(np.int64)))
     trainer.model.cpu()
     try:
