@@ -265,3 +265,16 @@ def test_hstu_with_time_buckets_trains_on_the_data_clock(demo_dir: Path, tmp_pat
     cfg["data"] = {"format": "sequence_lines", "path": str(lines), "max_seq_len": 20}
     with pytest.raises(QuiverError, match=r"model\.time_buckets: sequence-line files carry no clock"):
         parse_config(cfg, "test")
+
+
+def test_every_position_weighs_the_same_whatever_its_batch(sasrec_trainer: Trainer) -> None:
+    """A batch's loss is its rows' mean scaled by rows / mean rows per batch: the sum over an epoch is the mean over
+    all positions times the number of batches, as with mixed batches."""
+    seq = sasrec_trainer.sequences
+    assert seq is not None
+    batches = seq.batches(64, seed=0)
+    mean = seq.mean_rows(64)
+    assert mean == pytest.approx(seq.positions.sum() / len(batches), rel=0.05)
+    scales = [seq.positions[b].sum() / mean for b in batches]
+    assert max(scales) / min(scales) > 2  # short-user and long-user batches differ: the scaling matters
+    assert sum(scales) == pytest.approx(len(batches), rel=0.05)

@@ -54,6 +54,10 @@ class Sequences:
         per_rank = len(chunks) // world
         return [chunks[i] for i in order[rank::world][:per_rank]]
 
+    def mean_rows(self, batch_size: int) -> float:
+        """Training rows (valid positions) per batch of `batch_size` users, on average over an epoch."""
+        return float(self.positions.sum()) / max(-(-len(self) // batch_size), 1)
+
     def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """inputs, targets, input times (B, T), T the longest row's positions: input t's next item is target t
         (0 = none)."""

@@ -250,7 +250,13 @@ class Trainer:
         rows = self.rows(idx)
         scores = self.score(rows)
         weights = torch.from_numpy(rows.weights).to(self.device)
-        loss = softmax_loss(scores.logits, scores.labels, weights) + scores.aux_loss
+        loss = softmax_loss(scores.logits, scores.labels, weights)
+        if self.sequences is not None:
+            # Length-grouped batches train from 1 to 50 positions per user: a batch mean would weigh a short user's
+            # position many times a long user's. Scaled by rows / the epoch's mean rows per batch, every position
+            # counts the same, as in randomly mixed batches.
+            loss = loss * (len(rows.positives) / self.sequences.mean_rows(self.cfg.train.batch_size))
+        loss = loss + scores.aux_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
