@@ -22,7 +22,7 @@ from service.reload import RuntimeHolder
 from service.runtime import Found, RecallJob, Runtime
 from service.schemas import EventsRequest, RankRequest, RecallRequest, UserInput
 from service.settings import Settings
-from service.userstate import RedisStore, UserState, resolve
+from service.userstate import HISTORY_TIME_MISSING, RedisStore, UserState, resolve
 
 DEFAULT_EVENTS_LEN = 200  # history kept per user by /events before any model is loaded
 
@@ -58,16 +58,28 @@ class Services:
     async def _on_model_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def user_state(self, rt: Runtime, req: UserInput) -> UserState:
+    async def user_state(self, rt: Runtime, req: UserInput, tower: bool = True) -> UserState:
+        """tower: the retriever's user tower reads this state (and, for a time-reading model, its click times)."""
         if req.features:
             allowed = set(rt.users.columns) | set(rt.ranker_users.columns if rt.ranker_users else ())
             for key in req.features:
                 if key not in allowed or key == "user_id":
                     fields = ", ".join(sorted(allowed - {"user_id"})) or "none"
                     raise field_error(422, ["body", "features", key], f"not a profile field (fields: {fields})")
+        needs_time = tower and rt.reads_time
+        if needs_time and req.history is not None and req.history_timestamps is None:
+            raise field_error(
+                422,
+                ["body", "history_timestamps"],
+                "required with `history`: the model reads when each item was clicked",
+            )
         t0 = time.perf_counter()
         record = await self.store.fetch(req.user_id, rt.state_len) if self.store is not None else None
-        state = resolve(req.user_id, rt.users, record, self.store is not None, req.history, req.features)
+        state = resolve(
+            req.user_id, rt.users, record, self.store is not None, req.history, req.features, req.history_timestamps
+        )
+        if needs_time and state.history and state.history_time is None:
+            state.degraded.append(HISTORY_TIME_MISSING)  # served as if every click happened at once
         self.metrics.stage_duration.labels("feature_fetch").observe(time.perf_counter() - t0)
         for reason in state.degraded:
             self.metrics.degraded.labels(reason).inc()
@@ -124,7 +136,7 @@ class Services:
         rt = self.runtime()
         if rt.ranker is None:
             raise HTTPException(503, detail="no ranker loaded (set QUIVER_RANKER)")
-        state = await self.user_state(rt, req)
+        state = await self.user_state(rt, req, tower=False)
         t0 = time.perf_counter()
         ranked, unknown = await self._on_model_thread(rt.rank, state, req.candidates, req.k)
         self.metrics.stage_duration.labels("rerank").observe(time.perf_counter() - t0)
@@ -140,8 +152,13 @@ class Services:
         max_len = rt.state_len if rt is not None else DEFAULT_EVENTS_LEN
         stored = rt.users.get(req.user_id) if rt is not None else None
         seed = stored[1][-max_len:] if stored else []
+        seed_times = rt.users.times(req.user_id) if rt is not None and stored else None
+        now = int(time.time())
+        times = req.timestamps if req.timestamps is not None else [now] * len(req.items)
         try:
-            n = await self.store.append(req.user_id, req.items, max_len, seed)
+            n = await self.store.append(
+                req.user_id, req.items, times, max_len, seed, seed_times[-max_len:] if seed_times else None
+            )
         except (RedisError, OSError, TimeoutError) as err:
             self.metrics.errors.labels("events_redis").inc()
             raise HTTPException(503, detail=f"events: not stored, Redis unavailable ({type(err).__name__})") from None

@@ -21,9 +21,9 @@ from index.bundle import IndexBundle, load_index, read_index_manifest, resolve_i
 from index.search import search_vectors
 from models.bundle import ModelBundle, load_bundle, read_manifest, resolve_bundle
 from models.errors import QuiverError
-from models.inputs import history_codes, history_length, to_batch, user_features
+from models.inputs import history_codes, history_length, history_times, to_batch, user_features
 from models.rank import Ranker, retriever_model
-from models.sequence import reads_time
+from models.sequence import HIST_TIME, reads_time
 from service.settings import Settings
 from service.userstate import BundleUsers, UserState
 
@@ -80,11 +80,7 @@ class Runtime:
     def __init__(self, model: ModelBundle, index: IndexBundle, ranker: Ranker | None) -> None:
         self.model = model
         self.retriever = retriever_model(model).eval()
-        if reads_time(getattr(self.retriever, "cfg", None)):
-            raise QuiverError(
-                f"{model.path}: the model reads history timestamps (hstu time_buckets), and the service's histories "
-                "(request, Redis, bundle) carry item ids only; serve a model trained with time_buckets: 0"
-            )
+        self.reads_time = reads_time(getattr(self.retriever, "cfg", None))  # HSTU time buckets: history times too
         self.index = index
         self.ranker = ranker
         self.loaded_at = time.time()
@@ -135,6 +131,9 @@ class Runtime:
         enc = self.model.encoder
         table = self.users.profile_table([s.profile for s in states])
         feats = user_features(enc, table) | history_codes(enc, [s.history for s in states], self.history_len)
+        if self.reads_time:  # a history without times is read as clicks at one instant (flagged degraded)
+            clocks = [s.history_time if s.history_time is not None else [0] * len(s.history) for s in states]
+            feats[HIST_TIME] = history_times(clocks, self.history_len)
         vectors, mask = self.retriever.interests(to_batch(feats, slice(None), torch.device("cpu")))
         return vectors.float().numpy(), mask.numpy()
 

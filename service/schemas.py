@@ -4,11 +4,12 @@ Requests are strict: an unknown field is a 422 naming it (a misspelt `exclude_se
 nothing). Histories are item ids oldest first, the order the clicks happened.
 """
 
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Timestamp = Annotated[int, Field(ge=0, strict=True)]  # integer seconds, the clock of the training data
 FeatureValue = str | int | float | bool | None
 MAX_K = 1000
 MAX_CANDIDATES = 1000
@@ -24,9 +25,24 @@ class UserInput(Strict):
     history: list[Id] | None = Field(
         None, max_length=MAX_LIST, description="item ids, oldest first; replaces the stored history for this request"
     )
+    history_timestamps: list[Timestamp] | None = Field(
+        None,
+        max_length=MAX_LIST,
+        description="when each `history` item was clicked (seconds), for models that read the times (HSTU with "
+        "time buckets); one per history item",
+    )
     features: dict[Id, FeatureValue] | None = Field(
         None, max_length=256, description="profile fields that override the stored profile for this request"
     )
+
+    @model_validator(mode="after")
+    def _times_match_history(self) -> Self:
+        if self.history_timestamps is not None and len(self.history_timestamps) != len(self.history or []):
+            raise ValueError(
+                f"history_timestamps: {len(self.history_timestamps)} timestamps for {len(self.history or [])} "
+                "history items; send one per item, or none"
+            )
+        return self
 
 
 class RecallRequest(UserInput):
@@ -45,6 +61,15 @@ class RankRequest(UserInput):
 class EventsRequest(Strict):
     user_id: Id
     items: list[Id] = Field(min_length=1, max_length=1000, description="clicked item ids, oldest first")
+    timestamps: list[Timestamp] | None = Field(
+        None, max_length=1000, description="when each click happened (seconds; default: when it arrives)"
+    )
+
+    @model_validator(mode="after")
+    def _times_match_items(self) -> Self:
+        if self.timestamps is not None and len(self.timestamps) != len(self.items):
+            raise ValueError(f"timestamps: {len(self.timestamps)} timestamps for {len(self.items)} items")
+        return self
 
 
 class ScoredItem(BaseModel):

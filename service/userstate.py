@@ -2,6 +2,8 @@
 
     profile = bundle's users.parquet row  <  Redis hash quiver:user:<id>  <  the request's `features`
     history = the request's `history`, else Redis list quiver:hist:<id> (newest first), else the bundle's stored one
+    history times = from the same source as the history (`history_timestamps`, quiver:hist_time:<id>, the bundle's
+                    `history_time`), for models that read them; None where that source has none
 
 Redis is the live feature store; the bundle's tables are the embedded default (the only source without
 QUIVER_REDIS_URL, and what a user Redis has not seen yet starts from). A Redis that is down or slower than its
@@ -25,6 +27,7 @@ log = logging.getLogger("quiver.userstate")
 
 REDIS_UNAVAILABLE = "redis_unavailable"
 POPULARITY_FALLBACK = "popularity_fallback"
+HISTORY_TIME_MISSING = "history_time_missing"  # a time-reading model served a history whose source kept no times
 
 
 def user_key(user_id: str) -> str:
@@ -33,6 +36,11 @@ def user_key(user_id: str) -> str:
 
 def hist_key(user_id: str) -> str:
     return f"quiver:hist:{user_id}"
+
+
+def hist_time_key(user_id: str) -> str:
+    """The click times of hist_key's items (seconds), newest first, kept the same length."""
+    return f"quiver:hist_time:{user_id}"
 
 
 class BundleUsers:
@@ -51,6 +59,13 @@ class BundleUsers:
         rec = self.table.slice(r, 1).to_pylist()[0]
         profile = {c: rec.get(c) for c in self.columns if c != "user_id"}
         return profile, [str(x) for x in rec.get("history") or []]
+
+    def times(self, user_id: str) -> list[int] | None:
+        """The stored history's click times, where the bundle kept them (models that read them)."""
+        r = self.row.get(user_id)
+        if r is None or "history_time" not in self.table.column_names:
+            return None
+        return [int(t) for t in self.table.column("history_time")[r].as_py() or []]
 
     def profile_table(self, profiles: Sequence[Mapping[str, Any]]) -> pa.Table:
         """Rows of profile fields (strings from Redis or JSON values from a request) as a table typed like
@@ -86,6 +101,7 @@ class UserState:
     source: str  # where the history came from: request | redis | bundle | none
     known: bool  # some layer knows this user (or the request described them)
     degraded: list[str] = field(default_factory=list)
+    history_time: list[int] | None = None  # click times of `history` (seconds), where its source has them
 
     @property
     def popularity_only(self) -> bool:
@@ -96,6 +112,7 @@ class UserState:
 class RedisRecord:
     profile: dict[str, str]
     history: list[str] | None  # oldest first; None when Redis holds no history for the user
+    history_time: list[int] | None = None  # their click times, when Redis holds one per item
 
 
 class RedisStore:
@@ -136,21 +153,35 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(user_key(user_id))
             pipe.lrange(hist_key(user_id), 0, max(0, history_len - 1))
-            profile, newest_first = await self._bounded(pipe.execute())
+            pipe.lrange(hist_time_key(user_id), 0, max(0, history_len - 1))
+            profile, newest_first, times = await self._bounded(pipe.execute())
         except (RedisError, OSError, TimeoutError) as err:
             self._failed(err)
             return None
         # Redis deletes a list when it empties, so an empty answer means no history is stored for this user.
-        return RedisRecord(dict(profile), list(reversed(newest_first)) if newest_first else None)
+        history = list(reversed(newest_first)) if newest_first else None
+        clock = [int(t) for t in reversed(times)] if history and len(times) == len(history) else None
+        return RedisRecord(dict(profile), history, clock)
 
-    async def append(self, user_id: str, items: Sequence[str], max_len: int, seed: Sequence[str]) -> int:
-        """Append clicks (oldest first) to the user's history and trim it, in one round trip (one Lua script).
+    async def append(
+        self,
+        user_id: str,
+        items: Sequence[str],
+        times: Sequence[int],
+        max_len: int,
+        seed: Sequence[str],
+        seed_times: Sequence[int] | None = None,
+    ) -> int:
+        """Append clicks (oldest first) and their times to the user's history and trim both lists, in one round trip
+        (one Lua script).
 
-        `seed` (oldest first) is the user's stored history from the bundle: it is written first when Redis holds no
-        history yet, so a user's first live click extends their history instead of replacing it. Raises on
-        failure: a click that was not stored must not be acknowledged."""
-        args = [max_len, len(seed), *reversed(seed), *items]
-        n = await self._bounded(self._append(keys=[hist_key(user_id)], args=args))
+        `seed` (oldest first) is the user's stored history from the bundle, with its times where the bundle kept
+        them (else 0): it is written first when Redis holds no history yet, so a user's first live click extends
+        their history instead of replacing it. Raises on failure: a click that was not stored must not be
+        acknowledged."""
+        seed_clock = list(seed_times) if seed_times is not None and len(seed_times) == len(seed) else [0] * len(seed)
+        args = [max_len, len(seed), len(items), *reversed(seed), *reversed(seed_clock), *items, *times]
+        n = await self._bounded(self._append(keys=[hist_key(user_id), hist_time_key(user_id)], args=args))
         return int(n)
 
     async def ping(self) -> bool:
@@ -167,16 +198,32 @@ class RedisStore:
         await self.pool.aclose()
 
 
-# KEYS[1] history list (newest first); ARGV: max_len, n_seed, seed newest first (n_seed items), clicks oldest first.
+# KEYS[1] history list, KEYS[2] its times (both newest first, one time per item); ARGV: max_len, n_seed, n_clicks,
+# the seed's items then times (newest first, n_seed each), the clicks' items then times (oldest first, n_clicks each).
+# A times list that does not match its history (written before times were kept) is rebuilt with zeros under the
+# clicks', so the two stay aligned item for item.
 _APPEND_LUA = """
-local key = KEYS[1]
-local max_len = tonumber(ARGV[1])
-local n_seed = tonumber(ARGV[2])
+local key, tkey = KEYS[1], KEYS[2]
+local max_len, n_seed, n_clicks = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local seed, clicks = 4, 4 + 2 * n_seed
 if n_seed > 0 and redis.call('EXISTS', key) == 0 then
-  for i = 3, 2 + n_seed do redis.call('RPUSH', key, ARGV[i]) end
+  redis.call('DEL', tkey)
+  for i = 0, n_seed - 1 do
+    redis.call('RPUSH', key, ARGV[seed + i])
+    redis.call('RPUSH', tkey, ARGV[seed + n_seed + i])
+  end
 end
-for i = 3 + n_seed, #ARGV do redis.call('LPUSH', key, ARGV[i]) end
+local have = redis.call('LLEN', key)
+if redis.call('LLEN', tkey) ~= have then
+  redis.call('DEL', tkey)
+  for i = 1, have do redis.call('RPUSH', tkey, 0) end
+end
+for i = 0, n_clicks - 1 do
+  redis.call('LPUSH', key, ARGV[clicks + i])
+  redis.call('LPUSH', tkey, ARGV[clicks + n_clicks + i])
+end
 redis.call('LTRIM', key, 0, max_len - 1)
+redis.call('LTRIM', tkey, 0, max_len - 1)
 return redis.call('LLEN', key)
 """
 
@@ -188,6 +235,7 @@ def resolve(
     redis_configured: bool,
     history: Sequence[str] | None,
     features: Mapping[str, Any] | None,
+    history_time: Sequence[int] | None = None,
 ) -> UserState:
     """Layer the sources (module docstring) into one user's state."""
     degraded = [REDIS_UNAVAILABLE] if redis_configured and redis_record is None else []
@@ -201,15 +249,17 @@ def resolve(
         profile.update(features)
         known = True
     profile["user_id"] = user_id
+    times: list[int] | None = None
     if history is not None:
         hist, source = [str(h) for h in history], "request"
+        times = list(history_time) if history_time is not None else None
     elif redis_record is not None and redis_record.history is not None:
-        hist, source = redis_record.history, "redis"
+        hist, source, times = redis_record.history, "redis", redis_record.history_time
     elif stored is not None:
-        hist, source = stored[1], "bundle"
+        hist, source, times = stored[1], "bundle", bundle.times(user_id)
     else:
-        hist, source = [], "none"
-    state = UserState(user_id, profile, hist, source, known or bool(hist), degraded)
+        hist, source, times = [], "none", []
+    state = UserState(user_id, profile, hist, source, known or bool(hist), degraded, times)
     if state.popularity_only:
         state.degraded.append(POPULARITY_FALLBACK)
     return state

@@ -254,12 +254,10 @@ def test_hstu_with_time_buckets_trains_on_the_data_clock(demo_dir: Path, tmp_pat
     assert result.bundle is not None and np.isfinite(result.metrics["valid_Recall@20"])
     bundle = load_bundle(result.bundle)
     assert bundle.model.time_bias is not None and bundle.model.time_bias.abs().sum() > 0  # it learnt something
-    from index.bundle import load_index
-    from service.runtime import Runtime
-
-    index = load_index(build(result.bundle, tmp_path / "indexes", factory="Flat").path)
-    with pytest.raises(QuiverError, match="time_buckets"):  # served histories carry no timestamps yet
-        Runtime(bundle, index, None)
+    times = bundle.users["history_time"].to_pylist()  # the embedded serving state keeps the click times
+    assert [len(t) for t in times] == [len(h) for h in bundle.users["history"].to_pylist()]
+    assert all(t == sorted(t) for t in times)
+    build(result.bundle, tmp_path / "indexes", factory="Flat")  # its recall check reads those times
     lines = tmp_path / "seq.txt"
     lines.write_text("u1 a b c\nu2 b c d\n")
     cfg["data"] = {"format": "sequence_lines", "path": str(lines), "max_seq_len": 20}

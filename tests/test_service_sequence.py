@@ -1,6 +1,7 @@
 """A sequence model served (DESIGN §4, §7): the user tower reads the history the service resolves, right-aligned,
 and a click POSTed to /events changes the very next /recall, through real uvicorn and a real redis-server."""
 
+import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +13,7 @@ import redis
 from index.build import build
 from models.bundle import ModelBundle, load_bundle
 from service.runtime import Runtime
-from service.userstate import UserState, hist_key, user_key
+from service.userstate import UserState, hist_key, hist_time_key, user_key
 from tests.conftest import sequence_config
 from tests.serving import running, settings
 from training.config import parse_config
@@ -96,3 +97,70 @@ def test_a_micro_batch_of_different_lengths_is_one_padded_forward(sasrec_tree: t
         assert np.allclose(alone, batched[i : i + 1], atol=1e-5)
     latest = UserState("u", {"user_id": "u"}, states[4].history[-rt.history_len :], "request", True)
     assert np.allclose(rt.user_vectors([latest])[0], batched[4:5], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def hstu_time_tree(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelBundle]:
+    root = tmp_path_factory.mktemp("hstu_time_serving") / "artifacts"
+    cfg = sequence_config(demo_dir, root / "models", "hstu", num_threads=1, epochs=3)
+    cfg["model"]["time_buckets"] = 24
+    path = fit(parse_config(cfg, "test")).bundle
+    assert path is not None
+    build(path, root / "indexes", factory="Flat")
+    return root, load_bundle(path)
+
+
+def test_a_time_reading_model_is_served_with_the_click_times(
+    hstu_time_tree: tuple[Path, ModelBundle], redis_url: str
+) -> None:
+    root, bundle = hstu_time_tree
+    rec = bundle.users.slice(3, 1).to_pylist()[0]
+    user_id, history, times = str(rec["user_id"]), [str(x) for x in rec["history"]], rec["history_time"]
+    cfg = settings(root, model="tiny_hstu", ranker=None, redis_url=redis_url)
+    with (
+        redis.Redis.from_url(redis_url, decode_responses=True) as r,
+        running(cfg) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        r.delete(hist_key(user_id), hist_time_key(user_id), user_key(user_id))
+        try:
+            stored = client.post("/recall", json={"user_id": user_id, "k": 20}).json()
+            assert stored["user_state"] == "bundle" and stored["degraded"] is None
+            same = {"user_id": user_id, "k": 20, "history": history, "history_timestamps": times}
+            sent = client.post("/recall", json=same).json()
+            assert [i["item_id"] for i in sent["items"]] == [i["item_id"] for i in stored["items"]]
+            later = [t + 86_400 * 30 * i for i, t in enumerate(times)]  # the same clicks a month apart each
+            moved = client.post("/recall", json=same | {"history_timestamps": later}).json()
+            assert [i["score"] for i in moved["items"]] != [i["score"] for i in sent["items"]]
+            missing = client.post("/recall", json={"user_id": user_id, "history": history})
+            assert missing.status_code == 422 and "body.history_timestamps" in missing.json()["message"]
+            short = client.post("/recall", json=same | {"history_timestamps": times[:-1]})
+            assert short.status_code == 422 and "history_timestamps" in short.json()["message"]
+            # Clicks with their times reach Redis beside the bundle history (seeded with the bundle's times).
+            click = str(bundle.items["item_id"][0])
+            ev = client.post("/events", json={"user_id": user_id, "items": [click], "timestamps": [times[-1] + 60]})
+            assert ev.status_code == 200
+            assert r.lrange(hist_key(user_id), 0, 1) == [click, history[-1]]
+            assert [int(t) for t in r.lrange(hist_time_key(user_id), 0, 1)] == [times[-1] + 60, times[-1]]
+            assert r.llen(hist_time_key(user_id)) == r.llen(hist_key(user_id))
+            live = client.post("/recall", json={"user_id": user_id, "k": 20}).json()
+            replay = same | {"history": [*history, click][-20:], "history_timestamps": [*times, times[-1] + 60][-20:]}
+            assert live["user_state"] == "redis" and live["degraded"] is None
+            assert [i["item_id"] for i in live["items"]] == [
+                i["item_id"] for i in client.post("/recall", json=replay).json()["items"]
+            ]
+            before = int(time.time())
+            assert client.post("/events", json={"user_id": user_id, "items": [click]}).status_code == 200
+            assert int(r.lindex(hist_time_key(user_id), 0)) >= before  # no times sent: when the click arrived
+            # A history Redis kept without times (written before times were stored) is served, flagged.
+            r.delete(hist_time_key(user_id))
+            flagged = client.post("/recall", json={"user_id": user_id, "k": 20}).json()
+            assert flagged["user_state"] == "redis" and flagged["degraded"] == "history_time_missing"
+            # The next click realigns the two lists: the untimed items get time 0, the click its own.
+            assert client.post("/events", json={"user_id": user_id, "items": [click]}).status_code == 200
+            clock = [int(t) for t in r.lrange(hist_time_key(user_id), 0, -1)]
+            assert len(clock) == r.llen(hist_key(user_id)) and clock[0] >= before and set(clock[1:]) == {0}
+            bad = client.post("/events", json={"user_id": user_id, "items": [click], "timestamps": [1, 2]})
+            assert bad.status_code == 422 and "timestamps" in bad.json()["message"]
+        finally:
+            r.delete(hist_key(user_id), hist_time_key(user_id), user_key(user_id))
