@@ -3,7 +3,8 @@ two training/serving outputs of a causal sequence encoder.
 
     history codes (B, T), oldest first, any padding layout
       -> right-aligned (padding on the left, the latest item at position L-1), trimmed to the longest row
-      -> id embedding (the item tower's own table, `shared_with: item_id`) + learnt position -> dropout
+      -> id embedding (the item tower's own table, `shared_with: item_id`) × √d + learnt position -> dropout
+         (the √d scale, SASRec's, keeps the item signal above the positions' at the tables' small initial scale)
       -> blocks (the subclass: causal self-attention of one kind or another)
       -> (B, T, d) states: the state at t is the user after items <= t
     serving: the last position -> [Linear(output_dim)] -> [L2-normalise]                    (B, 1, D)
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from models.embedding import Batch, FeatureEmbedding
-from models.match import MatchModel, Similarity
+from models.match import MatchModel, Similarity, one_interest
 from models.mlp import MLP, TowerConfig
 
 HIST_TIME = "hist_time"  # batch key of the history's timestamps (B, L), laid out like the history codes
@@ -74,7 +75,7 @@ def attention_mask(valid: torch.Tensor) -> torch.Tensor:
 
 
 class SequenceModel(MatchModel):
-    """A causal encoder over the history; subclasses build `self.blocks` and may override `encode`."""
+    """A causal encoder over the history; subclasses build `self.blocks` and may add an `attention_bias`."""
 
     def __init__(self, cfg: SequenceConfig, embedding: FeatureEmbedding) -> None:
         super().__init__(embedding, cfg.similarity, cfg.temperature)
@@ -134,20 +135,27 @@ class SequenceModel(MatchModel):
         buckets); none by default."""
         return None
 
-    def states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's (B, T, d) output and the (B, T) valid mask."""
         x, valid, cols = self.inputs(batch)
-        h = self.encode(x, valid, self.attention_bias(batch, cols))
-        return self.finish(self.user_out(h)), valid  # (B, T, D), (B, T)
+        return self.encode(x, valid, self.attention_bias(batch, cols)), valid
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d) encoder states -> (..., D) user vectors: [Linear(output_dim)] -> [L2-normalise]."""
+        return self.finish(self.user_out(h))
+
+    def states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) the user vector after each position, and the (B, T) valid mask."""
+        h, valid = self.hidden(batch)
+        return self.head(h), valid
 
     def interests(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The state after the latest item, (B, 1, D); an empty history gives the state of padding alone."""
-        h, _ = self.states(batch)
-        u = h[:, -1:]  # (B, 1, D)
-        return u, torch.ones(u.shape[0], 1, dtype=torch.bool, device=u.device)
+        h, _ = self.hidden(batch)
+        return one_interest(self.head(h[:, -1]))  # (B, 1, D)
 
     def train_interests(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Every valid position, row-major (user by user, oldest first): (P, 1, D). The trainer lays the targets out
         in the same order (the next item of each valid input position)."""
-        h, valid = self.states(batch)
-        rows = h[valid].unsqueeze(1)  # (P, 1, D)
-        return rows, torch.ones(rows.shape[0], 1, dtype=torch.bool, device=rows.device)
+        h, valid = self.hidden(batch)
+        return one_interest(self.head(h[valid]))  # (P, 1, D)

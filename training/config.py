@@ -126,6 +126,8 @@ class Config(BaseModel):
                 )
         if isinstance(self.model, SequenceConfig):
             self._sequence_checks(self.model)
+        if self.hard_negative.num_hard and self.negatives.mode == "full":
+            raise ValueError("hard_negative.num_hard: with negatives.mode full every item is a negative already")
         if any(k < 1 for k in self.eval.ks):
             raise ValueError("eval.ks: every K must be >= 1")
         return self

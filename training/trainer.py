@@ -34,6 +34,7 @@ from models.match import Layout, MatchModel
 from models.registry import build_model
 from models.sequence import SequenceConfig, reads_time
 from models.similarity import labels_for, mask_collisions, recall_at_k, softmax_loss
+from training.allocator import reuse_freed_memory
 from training.config import Config
 from training.data.load import load_data
 from training.data.readers import data_root
@@ -43,6 +44,8 @@ from training.examples import EncodedData, encode
 from training.hard_negatives import HardNegativeSampler, item_categories, read_exposures
 from training.sampler import NegativeSampler, log_q_correction
 from training.sequences import Sequences
+
+FULL_SOFTMAX_MAX_ITEMS = 500_000  # (rows, items) logits per step: beyond this a step no longer fits in memory
 
 
 @dataclass
@@ -116,6 +119,7 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
         torch.set_num_threads(cfg.train.num_threads)
+        reuse_freed_memory()  # every step frees and re-allocates the same large logits (training/allocator.py)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         seed_everything(cfg.train.seed)
@@ -152,6 +156,11 @@ class Trainer:
             else None
         )
         neg = cfg.negatives
+        if neg.mode == "full" and self.enc.n_items > FULL_SOFTMAX_MAX_ITEMS:
+            raise QuiverError(
+                f"negatives.mode: full scores every row against all {self.enc.n_items:,} items each step; above "
+                f"{FULL_SOFTMAX_MAX_ITEMS:,} use sampled"
+            )
         self.mode = neg.mode  # what each row is scored against; bench/train_speed.py switches it to compare
         self.sampler = (
             NegativeSampler(self.enc.popularity, neg.num, neg.alpha, cfg.train.seed * 1000 + self.rank, not sequential)
