@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from models.embedding import Batch, FeatureEmbedding
-from models.sequence import HIST_TIME, SequenceConfig, SequenceModel
+from models.sequence import HIST_TIME, SequenceConfig, SequenceModel, full_causal
 
 
 class HSTUConfig(SequenceConfig):
@@ -52,19 +52,26 @@ class HSTUBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.num_heads = num_heads
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, d), mask (B, 1, T, T) True where query t reads key s, bias (B, 1, T, T) or None -> (B, T, d)."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor | None = None, q_from: int = 0
+    ) -> torch.Tensor:
+        """x (B, T, d), mask (B, 1, T, T) True where query t reads key s (None: no padding, plain causal), bias
+        (B, 1, T, T) or None -> (B, Tq, d): the query rows q_from.. (serving needs the last one alone; every key is
+        still read), Tq = T - q_from."""
         b, t, d = x.shape
+        tq, dh = t - q_from, d // self.num_heads
         u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # each (B, T, d)
-        heads = lambda z: z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)  # noqa: E731 (B,H,T,dh)
-        q, k, v = heads(q), heads(k), heads(v)
-        logits = q @ k.transpose(-1, -2) / (d // self.num_heads) ** 0.5 + self.rab(t)  # (B, H, T, T)
+        u, q = u[:, q_from:], q[:, q_from:]  # (B, Tq, d)
+        q = q.reshape(b, tq, self.num_heads, dh).transpose(1, 2)  # (B, H, Tq, dh)
+        k, v = (z.reshape(b, t, self.num_heads, dh).transpose(1, 2) for z in (k, v))  # (B, H, T, dh)
+        logits = q @ k.transpose(-1, -2) / dh**0.5 + self.rab(t)[q_from:]  # (B, H, Tq, T)
         if bias is not None:
-            logits = logits + bias
-        n = mask.sum(-1, keepdim=True).clamp_min(1)  # (B, 1, T, 1) valid keys of each query row
-        a = F.silu(logits) * mask / n  # (B, H, T, T)
-        av = (a @ v).transpose(1, 2).reshape(b, t, d)  # (B, T, d)
-        return x + self.dropout(self.out(self.norm_attn(av) * u))
+            logits = logits + bias[:, :, q_from:]
+        mask = (full_causal(t, x.device) if mask is None else mask)[:, :, q_from:]  # (B|1, 1, Tq, T)
+        n = mask.sum(-1, keepdim=True).clamp_min(1)  # (B, 1, Tq, 1) valid keys of each query row
+        a = F.silu(logits) * mask / n  # (B, H, Tq, T)
+        av = (a @ v).transpose(1, 2).reshape(b, tq, d)  # (B, Tq, d)
+        return x[:, q_from:] + self.dropout(self.out(self.norm_attn(av) * u))
 
 
 class HSTU(SequenceModel):

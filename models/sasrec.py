@@ -8,6 +8,7 @@ Block, pre-norm (`layer: prenorm`):
 so a block can open or shut each branch per channel instead of always adding it whole.
 """
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -16,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from models.embedding import FeatureEmbedding
-from models.sequence import SequenceConfig, SequenceModel
+from models.sequence import SequenceConfig, SequenceModel, full_causal
 
 
 class SASRecConfig(SequenceConfig):
@@ -26,7 +27,8 @@ class SASRecConfig(SequenceConfig):
 
 
 class Residual(nn.Module):
-    """x + Dropout(f(LN(x))), optionally gated: x + Dropout(sigmoid(G(LN(x))) ⊙ f(LN(x)))."""
+    """x + Dropout(f(LN(x))), optionally gated: x + Dropout(sigmoid(G(LN(x))) ⊙ f(LN(x))); for the query rows
+    q_from.. only (the branch reads every row of LN(x) and returns the query rows)."""
 
     def __init__(self, d: int, dropout: float, gated: bool) -> None:
         super().__init__()
@@ -34,16 +36,19 @@ class Residual(nn.Module):
         self.gate = nn.Linear(d, d) if gated else None
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, branch: "nn.Module", *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], q_from: int = 0) -> torch.Tensor:
         h = self.norm(x)  # (B, T, d)
-        out = branch(h, *args)
+        out = branch(h)  # (B, Tq, d), Tq = T - q_from
+        x, h = x[:, q_from:], h[:, q_from:]
         if self.gate is not None:
             out = torch.sigmoid(self.gate(h)) * out
         return x + self.dropout(out)
 
 
 class SelfAttention(nn.Module):
-    """Multi-head softmax attention; `mask` (B, 1, T, T) True where a query may read a key."""
+    """Multi-head softmax attention; `mask` (B, 1, T, T) True where a query may read a key, None when no position is
+    padding (plain causal: SDPA's faster unmasked kernels). Only the query rows q_from.. are computed (serving needs
+    the last one alone; every key is still read)."""
 
     def __init__(self, d: int, num_heads: int, dropout: float) -> None:
         super().__init__()
@@ -51,12 +56,17 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(d, d)
         self.num_heads, self.dropout = num_heads, dropout
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, q_from: int = 0) -> torch.Tensor:
         b, t, d = h.shape
         q, k, v = self.qkv(h).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (B,H,T,dh)
+        q = q[:, :, q_from:]  # (B, H, Tq, dh)
         p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, dh)
-        return self.out(a.transpose(1, 2).reshape(b, t, d))
+        if mask is None and q_from in (0, t - 1):  # no padding: plain causal, and the last query reads every key
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=q_from == 0, dropout_p=p)  # (B, H, Tq, dh)
+        else:
+            mask = full_causal(t, h.device) if mask is None else mask
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, q_from:], dropout_p=p)
+        return self.out(a.transpose(1, 2).reshape(b, t - q_from, d))
 
 
 class SASRecBlock(nn.Module):
@@ -67,8 +77,9 @@ class SASRecBlock(nn.Module):
         self.attn_res = Residual(d, dropout, gated)
         self.ffn_res = Residual(d, dropout, gated)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.attn_res(x, self.attn, mask)  # (B, T, d)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, q_from: int = 0) -> torch.Tensor:
+        """(B, T, d) -> (B, T - q_from, d): the states of the query rows q_from.."""
+        x = self.attn_res(x, lambda h: self.attn(h, mask, q_from), q_from)  # (B, Tq, d)
         return self.ffn_res(x, self.ffn)
 
 

@@ -74,6 +74,11 @@ def attention_mask(valid: torch.Tensor) -> torch.Tensor:
     return (causal & keys).unsqueeze(1)
 
 
+def full_causal(t: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, T, T) the causal mask of a batch without padding."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()[None, None]
+
+
 class SequenceModel(MatchModel):
     """A causal encoder over the history; subclasses build `self.blocks` and may add an `attention_bias`."""
 
@@ -123,11 +128,17 @@ class SequenceModel(MatchModel):
         valid = codes != 0
         return self.input_dropout(x) * valid.unsqueeze(-1), valid, cols
 
-    def encode(self, x: torch.Tensor, valid: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, d) inputs -> (B, T, d) states; `bias` (B, 1, T, T) is added to every block's attention logits."""
-        mask = attention_mask(valid)  # (B, 1, T, T)
-        for block in self.blocks:
-            x = block(x, mask, bias) if bias is not None else block(x, mask)
+    def encode(
+        self, x: torch.Tensor, valid: torch.Tensor, bias: torch.Tensor | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """(B, T, d) inputs -> (B, T, d) states, or (B, 1, d) the latest position's alone (`last_only`: the last
+        block then computes one query row, which is all serving reads); `bias` (B, 1, T, T) is added to every
+        block's attention logits."""
+        mask = None if bool(valid.all()) else attention_mask(valid)  # (B, 1, T, T); None: no padding (served)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            q_from = x.shape[1] - 1 if last_only and i == last else 0
+            x = block(x, mask, q_from=q_from) if bias is None else block(x, mask, bias, q_from=q_from)
         return self.final_norm(x)
 
     def attention_bias(self, batch: Batch, cols: torch.Tensor) -> torch.Tensor | None:
@@ -135,10 +146,10 @@ class SequenceModel(MatchModel):
         buckets); none by default."""
         return None
 
-    def hidden(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder's (B, T, d) output and the (B, T) valid mask."""
+    def hidden(self, batch: Batch, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's (B, T, d) output (B, 1, d with `last_only`) and the (B, T) valid mask."""
         x, valid, cols = self.inputs(batch)
-        return self.encode(x, valid, self.attention_bias(batch, cols)), valid
+        return self.encode(x, valid, self.attention_bias(batch, cols), last_only), valid
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d) encoder states -> (..., D) user vectors: [Linear(output_dim)] -> [L2-normalise]."""
@@ -151,7 +162,7 @@ class SequenceModel(MatchModel):
 
     def interests(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The state after the latest item, (B, 1, D); an empty history gives the state of padding alone."""
-        h, _ = self.hidden(batch)
+        h, _ = self.hidden(batch, last_only=True)
         return one_interest(self.head(h[:, -1]))  # (B, 1, D)
 
     def train_interests(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

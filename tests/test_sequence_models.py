@@ -206,6 +206,7 @@ def test_a_history_longer_than_max_seq_len_keeps_its_latest_items(kind: str) -> 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_serving_is_the_last_position_and_training_every_valid_one(kind: str) -> None:
+    """Serving runs the last block for the latest query row only; every row of `states` must agree with it."""
     model = _model(kind, similarity="cosine")
     batch = {"hist_item_id": torch.tensor([[0, 0, 4, 5, 6], [0, 7, 8, 9, 10]])}
     with torch.no_grad():
@@ -275,5 +276,7 @@ def test_hstu_time_buckets_by_hand() -> None:
     left = {"hist_item_id": torch.tensor([[4, 5, 6, 0]]), "hist_time": torch.tensor([[100, 101, 1100, 0]])}
     with torch.no_grad():
         assert torch.allclose(model.interests(left)[0], a, atol=1e-6)  # timestamps follow their items' alignment
+        states, _ = model.states(left)  # every query row, the time bias included
+    assert torch.allclose(a[:, 0], states[:, -1], atol=1e-6)  # serving computes the last row alone: the same state
     with pytest.raises(ValueError, match="hist_time"):
         model.interests({"hist_item_id": codes})
