@@ -40,7 +40,9 @@ Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/dssm_ml1m.yaml", help="Quiver training config (relative to the repo)")
+    p.add_argument(
+        "--config", default="configs/dssm_ml1m_mlp.yaml", help="Quiver training config (relative to the repo)"
+    )
     p.add_argument("--data", help="override data.path of the config (the ML-1M folder)")
     p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per measurement")
     p.add_argument("--repeats", type=int, default=3, help="measurements per side; the median is reported")
