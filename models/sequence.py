@@ -63,20 +63,19 @@ def aligned_columns(codes: torch.Tensor) -> torch.Tensor:
     return torch.sort((codes != 0).to(torch.int8), dim=1, stable=True).indices  # padding first
 
 
+def full_causal(t: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, T, T) the causal mask of a batch without padding."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()[None, None]
+
+
 def attention_mask(valid: torch.Tensor) -> torch.Tensor:
     """(B, T) valid positions -> (B, 1, T, T) bool, True where query t may read key s: s <= t and s valid.
 
     A padded query (left of every item) reads only itself, so no row is empty (an all-masked softmax is NaN); a valid
     query never reads padding, so padding never changes a valid position's output."""
     t = valid.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()  # (T, T)
     keys = valid[:, None, :] | torch.eye(t, dtype=torch.bool, device=valid.device)  # (B, T, T)
-    return (causal & keys).unsqueeze(1)
-
-
-def full_causal(t: int, device: torch.device) -> torch.Tensor:
-    """(1, 1, T, T) the causal mask of a batch without padding."""
-    return torch.ones(t, t, dtype=torch.bool, device=device).tril()[None, None]
+    return full_causal(t, valid.device) & keys.unsqueeze(1)  # (B, 1, T, T)
 
 
 class SequenceModel(MatchModel):

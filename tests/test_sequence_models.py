@@ -175,6 +175,9 @@ def test_position_t_never_sees_t_plus_one(kind: str) -> None:
         hb, _ = model.states(b)
     assert torch.allclose(ha[0, :4], hb[0, :4], atol=1e-6)
     assert not torch.allclose(ha[0, 4:], hb[0, 4:], atol=1e-3)
+    with torch.no_grad():  # unpadded (plain causal attention) and padded (explicit mask): the same states
+        padded, _ = model.states({"hist_item_id": torch.tensor([[4, 5, 6, 7, 8, 9], [0, 0, 0, 0, 0, 1]])})
+    assert torch.allclose(ha[0], padded[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
