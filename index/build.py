@@ -25,13 +25,14 @@ from index.bundle import (
     write_files,
 )
 from index.factory import IndexSpec, build_index, metric_for, metric_name, parse_spec, use_all_cores
-from index.publish import DEFAULT_KEEP, commit, current_version, intact, point_current, staging
-from index.quality import DEFAULT_FLOOR, DEFAULT_K, ExactTopK, check_floor, measure, query_vectors
+from index.options import DEFAULT_FACTORY, DEFAULT_K, BuildOptions, PublishOptions
+from index.publish import commit, current_version, intact, point_current
+from index.quality import ExactTopK, check_floor, measure, query_vectors
 from models.bundle import ModelBundle, load_bundle
 from models.errors import QuiverError
 from models.inputs import item_vectors
+from models.publish import staging
 
-DEFAULT_FACTORY = "HNSW32,Flat"
 TRAIN_POINTS_PER_LIST = 64  # IVF k-means sample: FAISS wants 39..256 points per centroid
 
 
@@ -128,38 +129,28 @@ def _existing(parent: Path, version: str) -> dict[str, Any] | None:
 def build(
     model: str | Path,
     out_root: str | Path,
-    factory: str = DEFAULT_FACTORY,
+    options: BuildOptions,
+    publish: PublishOptions,
     name: str | None = None,
-    floor: float = DEFAULT_FLOOR,
-    ef_construction: int | None = None,
-    allow_low_recall: bool = False,
-    search: dict[str, int] | None = None,
-    keep: int = DEFAULT_KEEP,
-    redis_url: str | None = None,
-    k: int = DEFAULT_K,
-    num_queries: int = 1000,
-    seed: int = 0,
-    batch: int = 8192,
-    threads: int | None = None,
-    gpu: bool | None = None,
-    progress: bool = False,
     bundle: ModelBundle | None = None,
 ) -> BuildResult:
     """Build, verify and publish an index for a model bundle (a version folder or a name folder via LATEST)."""
     bundle = bundle or load_bundle(model)
+    run = options.run
     manifest_path = bundle.path / "manifest.json"
     dim = bundle.manifest.get("embedding_dim")
     if not isinstance(dim, int) or dim < 1:
         raise QuiverError(f"{manifest_path}: embedding_dim {dim!r} is not a positive integer")
     metric = metric_for(str(bundle.manifest.get("similarity")))
-    spec = parse_spec(factory, dim, ef_construction)
-    search = validate_search(spec, search)
+    spec = parse_spec(options.factory or DEFAULT_FACTORY, dim, options.ef_construction)
+    search = validate_search(spec, options.search)
+    floor = options.floor
     if not 0.0 <= floor <= 1.0:
         raise QuiverError(f"recall floor {floor} is not within [0, 1]")
     ids = catalog_ids(bundle)
     name = name or bundle.name
     parent = Path(out_root) / name
-    key = build_key(bundle, spec, search, floor, k, num_queries, seed)
+    key = build_key(bundle, spec, search, floor, options.k, options.num_queries, options.seed)
     version = index_version(key)
     current = current_version(parent)
     if current is not None and current != version:
@@ -169,20 +160,20 @@ def build(
             return BuildResult(parent / current, current, "up_to_date", derived)
     existing = _existing(parent, version)
     if existing is not None:
-        moved = point_current(parent, version, keep, redis_url)
+        moved = point_current(parent, version, publish)
         return BuildResult(parent / version, version, "repointed" if moved else "up_to_date", existing)
 
     started = time.perf_counter()
-    threads_used = use_all_cores(threads)
-    sample = training_sample(bundle, spec, batch, seed)
-    queries = query_vectors(bundle, num_queries, seed)  # (Q, D)
+    threads_used = use_all_cores(run.threads)
+    sample = training_sample(bundle, spec, run.batch, options.seed)
+    queries = query_vectors(bundle, options.num_queries, options.seed)  # (Q, D)
     if queries.shape[1] != dim:
         raise QuiverError(f"{manifest_path}: user vectors have dimension {queries.shape[1]}, embedding_dim is {dim}")
-    kk = min(k, len(ids))
+    kk = min(options.k, len(ids))
     exact = ExactTopK(queries, kk, metric)
 
     def batches() -> Any:
-        for rows, vectors in item_vectors(bundle, batch=batch, progress=progress):  # (b, D)
+        for rows, vectors in item_vectors(bundle, batch=run.batch, progress=run.progress):  # (b, D)
             if vectors.shape[1] != dim:
                 raise QuiverError(
                     f"{manifest_path}: item vectors have dimension {vectors.shape[1]}, embedding_dim is {dim}"
@@ -193,9 +184,9 @@ def build(
             exact.add(labels, vectors)
             yield labels, vectors
 
-    index, on_gpu = build_index(spec, dim, metric, batches(), sample, gpu=gpu)
+    index, on_gpu = build_index(spec, dim, metric, batches(), sample, gpu=options.gpu)
     quality = measure(index, spec, queries, exact.result(), floor, search)
-    check_floor(quality, floor, allow_low_recall, spec.factory)
+    check_floor(quality, floor, run.allow_low_recall, spec.factory)
     manifest = {
         "name": name,
         "version": version,
@@ -219,5 +210,5 @@ def build(
         written = write_files(tmp, index, ids, manifest)
         check_model(written, bundle.manifest, tmp)
         load_index(tmp, model_manifest=bundle.manifest)  # reload what will be served before publishing it
-        final = commit(tmp, version, keep, redis_url)
+        final = commit(tmp, version, publish)
     return BuildResult(final, version, "built", written)

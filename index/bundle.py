@@ -24,10 +24,10 @@ import numpy as np
 from index.factory import metric_for, metric_name, set_search_params
 from models.bundle import load_manifest_json, resolve_version, sha256_file, verify_files
 from models.errors import QuiverError
+from models.publish import MANIFEST
 
 FORMAT = 1
 KIND = "quiver-index"
-MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.npy"
 CURRENT = "CURRENT"

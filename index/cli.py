@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from index.options import BuildOptions, PublishOptions, RunOptions
 from models.errors import QuiverError
 
 EXIT_OK = 0
@@ -51,45 +52,41 @@ def _print(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, sort_keys=True))
 
 
-def cmd_build(args: argparse.Namespace) -> None:
-    from index.build import build
-
-    result = build(
-        args.model,
-        args.out,
-        args.index,
-        name=args.name,
-        floor=args.recall_floor,
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
         allow_low_recall=args.allow_low_recall,
-        search=_search_params(args),
-        ef_construction=args.ef_construction,
-        keep=args.keep,
-        redis_url=redis_url(),
-        num_queries=args.queries,
-        batch=args.batch,
+        batch=getattr(args, "batch", RunOptions.batch),  # only `build` has --batch
         threads=args.threads,
         progress=not args.no_progress,
     )
+
+
+def _build_options(args: argparse.Namespace, factory: str | None) -> BuildOptions:
+    return BuildOptions(
+        factory=factory,
+        search=_search_params(args),
+        ef_construction=args.ef_construction,
+        floor=args.recall_floor,
+        num_queries=getattr(args, "queries", BuildOptions.num_queries),  # only `build` has --queries
+        run=_run_options(args),
+    )
+
+
+def _publish_options(args: argparse.Namespace) -> PublishOptions:
+    return PublishOptions(keep=args.keep, redis_url=redis_url())
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from index.build import build
+
+    result = build(args.model, args.out, _build_options(args, args.index), _publish_options(args), name=args.name)
     _print(result.summary())
 
 
 def cmd_rebuild(args: argparse.Namespace) -> None:
     from index.rebuild import rebuild
 
-    results = rebuild(
-        args.models,
-        args.out,
-        model=args.model,
-        factory=args.index,
-        search=_search_params(args),
-        ef_construction=args.ef_construction,
-        floor=args.recall_floor,
-        allow_low_recall=args.allow_low_recall,
-        keep=args.keep,
-        redis_url=redis_url(),
-        threads=args.threads,
-        progress=not args.no_progress,
-    )
+    results = rebuild(args.models, args.out, _build_options(args, args.index), _publish_options(args), model=args.model)
     for r in results.results:
         _print(r.summary())
     for path, reason in results.skipped:
@@ -104,22 +101,15 @@ def cmd_add(args: argparse.Namespace) -> None:
     from index.upsert import add_items
 
     result = add_items(
-        args.index,
-        args.items,
-        model=args.model,
-        models_root=args.models,
-        keep=args.keep,
-        redis_url=redis_url(),
-        allow_low_recall=args.allow_low_recall,
-        threads=args.threads,
-        progress=not args.no_progress,
+        args.index, args.items, _run_options(args), _publish_options(args), model=args.model, models_root=args.models
     )
     _print(result.summary())
 
 
 def cmd_list(args: argparse.Namespace) -> None:
     from index.bundle import read_index_manifest
-    from index.publish import current_version, versions
+    from index.publish import current_version
+    from models.publish import versions
 
     root = Path(args.out)
     names = [args.name] if args.name else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

@@ -13,12 +13,10 @@ import faiss
 import numpy as np
 
 from index.factory import IndexSpec, set_search_params
+from index.options import DEFAULT_FLOOR
 from models.bundle import ModelBundle
 from models.errors import QuiverError
 from models.inputs import user_vectors
-
-DEFAULT_FLOOR = 0.95
-DEFAULT_K = 100
 
 
 def query_vectors(bundle: ModelBundle, n: int = 1000, seed: int = 0, batch: int = 1024) -> np.ndarray:

@@ -9,15 +9,15 @@ The factory string comes from --index, else from the CURRENT index (a job keeps 
 default. Exit codes are in `index.cli`.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from index.build import DEFAULT_FACTORY, BuildResult, build
+from index.build import BuildResult, build
 from index.bundle import read_index_manifest, resolve_index
 from index.factory import IndexSpec, parse_spec
-from index.publish import DEFAULT_KEEP, intact
-from index.quality import DEFAULT_FLOOR
+from index.options import DEFAULT_FACTORY, BuildOptions, PublishOptions
+from index.publish import intact
 from models.bundle import LATEST, load_bundle, read_manifest, resolve_bundle
 from models.errors import QuiverError
 
@@ -64,18 +64,13 @@ def _up_to_date(current: dict[str, Any] | None, model_version: str, spec: IndexS
 def rebuild(
     models_root: str | Path,
     out_root: str | Path,
+    options: BuildOptions,
+    publish: PublishOptions,
     model: str | None = None,
-    factory: str | None = None,
-    search: dict[str, int] | None = None,
-    ef_construction: int | None = None,
-    floor: float = DEFAULT_FLOOR,
-    allow_low_recall: bool = False,
-    keep: int = DEFAULT_KEEP,
-    redis_url: str | None = None,
-    threads: int | None = None,
-    progress: bool = False,
 ) -> RebuildReport:
-    """One model's bad input does not stop the others: it is reported in `failed` and the job goes on."""
+    """One model's bad input does not stop the others: it is reported in `failed` and the job goes on. A factory,
+    search parameter or build breadth the options leave unset is the CURRENT index's, so a scheduled job keeps
+    whatever a person chose."""
     report = RebuildReport()
     for target in targets(Path(models_root), model):
         try:
@@ -89,11 +84,12 @@ def rebuild(
             name = str(manifest["name"])
             parent = Path(out_root) / name
             current, ok = _current(parent)
-            ef = ef_construction
+            factory = options.factory
+            ef = options.ef_construction
             if ef is None and current and not factory:  # the current index's build breadth, like its layout
                 ef = current["index"].get("params", {}).get("efConstruction")
             spec = parse_spec(factory or (current["index"]["factory"] if current else DEFAULT_FACTORY), None, ef)
-            wanted = {k: v for k, v in (search or {}).items() if v is not None}
+            wanted = {k: v for k, v in (options.search or {}).items() if v is not None}
             if not wanted and current and not factory:
                 requested = current.get("build", {}).get("key", {}).get("search")
                 wanted = requested if isinstance(requested, dict) else {}
@@ -101,23 +97,10 @@ def rebuild(
                 report.results.append(BuildResult(resolve_index(parent), current["version"], "up_to_date", current))
                 continue
             bundle = load_bundle(path)
-            report.results.append(
-                build(
-                    bundle.path,
-                    out_root,
-                    spec.factory,
-                    name=name,
-                    ef_construction=spec.params.get("efConstruction"),
-                    floor=floor,
-                    allow_low_recall=allow_low_recall,
-                    search=wanted,
-                    keep=keep,
-                    redis_url=redis_url,
-                    threads=threads,
-                    progress=progress,
-                    bundle=bundle,
-                )
+            chosen = replace(
+                options, factory=spec.factory, ef_construction=spec.params.get("efConstruction"), search=wanted
             )
+            report.results.append(build(bundle.path, out_root, chosen, publish, name=name, bundle=bundle))
         except QuiverError as err:
             report.failed.append((target, str(err)))
     return report

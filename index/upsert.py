@@ -21,11 +21,13 @@ import pyarrow.parquet as pq
 from index.build import BuildResult, catalog_ids, checked_ids
 from index.bundle import IndexBundle, check_model, ids_array, load_index, write_files
 from index.factory import Builder, IndexSpec, ef_construction_of, parse_spec, use_all_cores
-from index.publish import DEFAULT_KEEP, commit, point_current, staging
+from index.options import PublishOptions, RunOptions
+from index.publish import commit, point_current
 from index.quality import ExactTopK, check_floor, measure, query_vectors
 from models.bundle import ModelBundle, load_bundle
 from models.errors import QuiverError
 from models.inputs import item_vectors
+from models.publish import staging
 
 
 def read_items(path: str | Path) -> pa.Table:
@@ -112,14 +114,10 @@ def _apply(index: faiss.Index, spec: IndexSpec, metric: int, labels: np.ndarray,
 def add_items(
     index_path: str | Path,
     items_path: str | Path,
+    run: RunOptions,
+    publish: PublishOptions,
     model: str | Path | None = None,
     models_root: str | Path = "artifacts/models",
-    keep: int = DEFAULT_KEEP,
-    redis_url: str | None = None,
-    allow_low_recall: bool = False,
-    batch: int = 8192,
-    threads: int | None = None,
-    progress: bool = False,
 ) -> BuildResult:
     """Upsert the items of a Parquet table into the CURRENT (or given) version of an index and publish the result.
 
@@ -130,28 +128,26 @@ def add_items(
     check_model(parent_bundle.manifest, bundle.manifest, parent_bundle.path)
     delta = _conform(read_items(items_path), bundle.items, Path(items_path))
     catalog_ids(bundle)  # the model's own catalog must be sane too
-    return upsert(parent_bundle, bundle, delta, keep, redis_url, allow_low_recall, batch, threads, progress)
+    return upsert(parent_bundle, bundle, delta, run, publish)
 
 
 def upsert(
     parent: IndexBundle,
     bundle: ModelBundle,
     delta: pa.Table,
-    keep: int = DEFAULT_KEEP,
-    redis_url: str | None = None,
-    allow_low_recall: bool = False,
-    batch: int = 8192,
-    threads: int | None = None,
-    progress: bool = False,
+    run: RunOptions,
+    publish: PublishOptions,
 ) -> BuildResult:
+    """The parent's layout, build breadth and quality settings are kept (an upsert is not a different index), so only
+    how the work runs is an option."""
     started = time.perf_counter()
-    use_all_cores(threads)
+    use_all_cores(run.threads)
     manifest = parent.manifest
     # an HNSW graph is rebuilt with the breadth the published one was built with, read off the index itself
     spec = parse_spec(manifest["index"]["factory"], parent.dim, ef_construction_of(parent.index))
     metric = parent.index.metric_type
     delta_ids = ids_array(delta.column("item_id").to_pylist())
-    vectors = np.concatenate([v for _, v in item_vectors(bundle, items=delta, batch=batch, progress=progress)])
+    vectors = np.concatenate([v for _, v in item_vectors(bundle, items=delta, batch=run.batch, progress=run.progress)])
     if vectors.shape[1] != parent.dim:
         raise QuiverError(f"{bundle.path}: item vectors have dimension {vectors.shape[1]}, the index has {parent.dim}")
     rows = parent.row_of()
@@ -174,7 +170,7 @@ def upsert(
     version = digest.hexdigest()[:16]
     folder = parent.path.parent
     if (folder / version / "manifest.json").is_file():
-        status = "repointed" if point_current(folder, version, keep, redis_url) else "up_to_date"
+        status = "repointed" if point_current(folder, version, publish) else "up_to_date"
         done = load_index(folder / version)
         return BuildResult(done.path, version, status, done.manifest)
 
@@ -186,11 +182,11 @@ def upsert(
         queries = query_vectors(bundle, int(quality_in.get("num_queries") or 1000))
         kk = min(int(quality_in["k"]), len(ids))
         exact = ExactTopK(queries, kk, metric)
-        for s in range(0, len(held[0]), batch):
-            exact.add(held[0][s : s + batch], held[1][s : s + batch])
+        for s in range(0, len(held[0]), run.batch):
+            exact.add(held[0][s : s + run.batch], held[1][s : s + run.batch])
         search = manifest["index"].get("search") or {}
         quality = measure(index, spec, queries, exact.result(), float(quality_in.get("floor", 0.0)), search)
-        check_floor(quality, float(quality_in.get("floor", 0.0)), allow_low_recall, spec.factory)
+        check_floor(quality, float(quality_in.get("floor", 0.0)), run.allow_low_recall, spec.factory)
         quality_out = {**quality.to_json(), "floor": quality_in.get("floor"), "measured_on": version}
     else:  # PQ codes cannot give back exact vectors: keep the parent's measurement, saying so
         quality_out = quality_in
@@ -210,5 +206,5 @@ def upsert(
     with staging(folder) as tmp:
         written = write_files(tmp, index, ids, out)
         load_index(tmp, model_manifest=bundle.manifest)
-        final = commit(tmp, version, keep, redis_url)
+        final = commit(tmp, version, publish)
     return BuildResult(final, version, "built", written)

@@ -8,14 +8,11 @@
         users.parquet          profiles + recent `history` (item ids, oldest first): the embedded user state
 
 The version is a hash of the content, so the same model trained twice on the same data lands in the same folder.
-Writing goes to a temporary folder that is renamed into place only when complete.
+Publication (staging folder, fsync, rename, LATEST under a lock) is models/publish.py's, shared with index bundles.
 """
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +27,11 @@ from safetensors.torch import load_file, save_file
 from models.errors import QuiverError
 from models.features import FeatureEncoder, FeatureGroups
 from models.match import MatchModel
+from models.publish import MANIFEST, commit, staging
 from models.registry import BundleModelConfig, build_bundle_model
 from models.tdm import TDM
 
 FORMAT = 1
-MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 LATEST = "LATEST"
 
@@ -65,33 +62,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_pointer(path: Path, value: str) -> None:
-    """Atomically replace a one-line pointer file (LATEST / CURRENT)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(value + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # readable by a service running as another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_bundle(
     root: str | Path,
     name: str,
@@ -101,13 +71,15 @@ def save_bundle(
     items: pa.Table,
     users: pa.Table,
     extra: dict[str, Any] | None = None,
+    keep: int | None = None,
 ) -> Path:
-    """Write a complete bundle under root/name/<version>/ and point root/name/LATEST at it; returns its path."""
+    """Write a complete bundle under root/name/<version>/ and point root/name/LATEST at it; returns its path.
+
+    `keep` newest versions survive (never the one LATEST names). The default keeps every version: an index's
+    CURRENT names the model version it was built from and the service loads exactly that one, so deleting an old
+    model version would break serving its index."""
     parent = Path(root) / name
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".tmp-"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700: the service may run as another user
+    with staging(parent) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         for rel, text in encoder.to_files().items():
@@ -137,17 +109,7 @@ def save_bundle(
         manifest["version"] = version
         manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        fsync_tree(tmp)
-        final = parent / version
-        if final.exists():
-            shutil.rmtree(tmp)  # identical content is already published
-        else:
-            os.rename(tmp, final)
-        write_pointer(parent / LATEST, version)
-        return final
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return commit(tmp, version, LATEST, intact, keep)
 
 
 def resolve_version(path: str | Path, pointer_name: str, what: str) -> Path:
@@ -196,6 +158,16 @@ def verify_files(path: Path, manifest: dict[str, Any], what: str = "bundle", req
             raise QuiverError(f"{f}: missing from the {what}")
         if sha256_file(f) != digest:
             raise QuiverError(f"{f}: checksum mismatch (corrupted or modified {what})")
+
+
+def intact(folder: Path) -> bool:
+    """A published model version whose manifest reads and whose files match their checksums: a same-version save
+    keeps it, and replaces one that is not."""
+    try:
+        verify_files(folder, read_manifest(folder))
+    except QuiverError:
+        return False
+    return True
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> ModelBundle:

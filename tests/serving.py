@@ -11,6 +11,7 @@ from pathlib import Path
 import uvicorn
 
 from index.build import build
+from index.options import BuildOptions, PublishOptions
 from index.publish import point_current
 from service.app import create_app
 from service.settings import Settings
@@ -36,7 +37,7 @@ class Tree:
 
     def point(self, which: int) -> None:
         """Publish pair `which` (0 or 1) as the index's CURRENT."""
-        point_current(self.root / "indexes" / "tiny", self.indexes[which])
+        point_current(self.root / "indexes" / "tiny", self.indexes[which], PublishOptions())
 
 
 def make_tree(demo_dir: Path, root: Path) -> Tree:
@@ -46,7 +47,7 @@ def make_tree(demo_dir: Path, root: Path) -> Tree:
         bundle = fit(parse_config(cfg, "test")).bundle
         assert bundle is not None
         models.append(bundle.name)
-        indexes.append(build(bundle, root / "indexes", factory="Flat").version)
+        indexes.append(build(bundle, root / "indexes", BuildOptions(factory="Flat"), PublishOptions()).version)
     TDMTrainer(parse_tdm_config(tdm_config(demo_dir, root / "models", None, epochs=1), "test")).fit()
     ranker = (root / "models" / "tiny_tdm" / "LATEST").read_text().strip()
     return Tree(root, (models[0], models[1]), (indexes[0], indexes[1]), ranker)

@@ -16,6 +16,7 @@ from models.dssm import DSSMConfig
 from models.errors import QuiverError
 from models.features import FeatureEncoder, FeatureGroups
 from models.match import MatchModel
+from models.publish import LOCK
 from models.registry import build_model
 from training.data.config import DataConfig
 from training.data.schema import RawData, interactions_table
@@ -83,7 +84,8 @@ def _save(root: Path, model: MatchModel, encoder: FeatureEncoder, enc: EncodedDa
 
 
 def _leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+    """Hidden debris: temporary folders and files (the lock file is meant to stay)."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".") and p.name != LOCK)
 
 
 @pytest.fixture
@@ -195,7 +197,7 @@ def test_unreadable_manifest_and_not_a_bundle(tmp_path: Path, saved: tuple[Path,
 def test_no_tmp_folder_after_a_save(saved: tuple[Path, MatchModel, EncodedData]) -> None:
     path, _, _ = saved
     assert _leftovers(path.parent) == []
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted([LATEST, path.name])
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([LATEST, LOCK, path.name])
 
 
 def test_a_failed_save_leaves_no_tmp_folder_and_no_version(tmp_path: Path) -> None:
@@ -211,7 +213,7 @@ def test_a_failed_save_leaves_no_tmp_folder_and_no_version(tmp_path: Path) -> No
     good = _save(tmp_path, model, encoder, enc)
     with pytest.raises(pa.ArrowNotImplementedError):
         save_bundle(tmp_path, "tiny", model, dict(MODEL), encoder, items, enc.users)
-    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == sorted([LATEST, good.name])
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == sorted([LATEST, LOCK, good.name])
     assert (tmp_path / "tiny" / LATEST).read_text().strip() == good.name
     verify_files(good, json.loads((good / MANIFEST).read_text()))
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from models.bundle import LATEST, MANIFEST, load_bundle, verify_files
+from models.publish import LOCK
 from tests.conftest import tiny_config
 from training.cli import main
 from training.data.demo import generate_demo
@@ -149,7 +150,7 @@ def test_fit_then_eval(tmp_path: Path, demo: Path, capsys: pytest.CaptureFixture
     parent = tmp_path / "models" / "tiny"
     assert bundle_path.parent == parent
     assert (parent / LATEST).read_text().strip() == bundle_path.name
-    assert sorted(p.name for p in parent.iterdir()) == sorted([LATEST, bundle_path.name])  # no .tmp-* left
+    assert sorted(p.name for p in parent.iterdir()) == sorted([LATEST, LOCK, bundle_path.name])  # no .tmp-* left
     manifest = json.loads((bundle_path / MANIFEST).read_text())
     verify_files(bundle_path, manifest)
     assert manifest["metrics"]["best_epoch"] == 1

@@ -5,6 +5,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -14,15 +15,23 @@ import redis
 from index.build import build
 from index.bundle import CURRENT, IDS_FILE, INDEX_FILE, MANIFEST, ids_array, load_index, write_files
 from index.factory import empty_index, parse_spec
-from index.publish import channel, commit, current_version, staging, versions
+from index.options import BuildOptions, PublishOptions, RunOptions
+from index.publish import channel, commit, current_version
 from index.quality import query_vectors
 from index.search import search
-from models.bundle import ModelBundle, load_bundle, write_pointer
+from models.bundle import ModelBundle, load_bundle
 from models.errors import QuiverError
 from models.inputs import item_vectors, user_vectors
+from models.publish import locked, retain, staging, versions, write_pointer
 from tests.conftest import tiny_config
 from training.config import parse_config
 from training.trainer import fit
+
+NO_REDIS = PublishOptions()
+
+
+def _opts(factory: str, allow_low_recall: bool = False, **settings: Any) -> BuildOptions:
+    return BuildOptions(factory=factory, run=RunOptions(allow_low_recall=allow_low_recall, threads=1), **settings)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +53,7 @@ def _exact(catalog: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 def test_flat_round_trip_returns_exact_neighbours(model: ModelBundle, catalog: np.ndarray, tmp_path: Path) -> None:
-    result = build(model.path, tmp_path, "Flat", threads=1, bundle=model)
+    result = build(model.path, tmp_path, _opts("Flat"), NO_REDIS, bundle=model)
     assert result.status == "built"
     assert (tmp_path / model.name / CURRENT).read_text().strip() == result.version
     loaded = load_index(tmp_path / model.name, model_manifest=model.manifest)
@@ -63,7 +72,7 @@ def test_flat_round_trip_returns_exact_neighbours(model: ModelBundle, catalog: n
 
 @pytest.mark.parametrize("factory", ["HNSW16,Flat", "IVF16,Flat", "IVF16,PQ4x4"])
 def test_approximate_indexes_record_and_apply_search_params(model: ModelBundle, tmp_path: Path, factory: str) -> None:
-    result = build(model.path, tmp_path, factory, threads=1, allow_low_recall=True, bundle=model)
+    result = build(model.path, tmp_path, _opts(factory, allow_low_recall=True), NO_REDIS, bundle=model)
     loaded = load_index(result.path, model_version=model.version)
     search = loaded.manifest["index"]["search"]
     if factory.startswith("HNSW"):
@@ -77,21 +86,21 @@ def test_approximate_indexes_record_and_apply_search_params(model: ModelBundle, 
 
 
 def test_same_inputs_same_version_nothing_rebuilt(model: ModelBundle, tmp_path: Path) -> None:
-    first = build(model.path, tmp_path, "HNSW16", threads=1, bundle=model)
+    first = build(model.path, tmp_path, _opts("HNSW16"), NO_REDIS, bundle=model)
     stamp = (first.path / INDEX_FILE).stat().st_mtime_ns
-    again = build(model.path, tmp_path, "HNSW16,Flat", threads=1, bundle=model)
+    again = build(model.path, tmp_path, _opts("HNSW16,Flat"), NO_REDIS, bundle=model)
     assert again.status == "up_to_date" and again.version == first.version
     assert (first.path / INDEX_FILE).stat().st_mtime_ns == stamp
-    other = build(model.path, tmp_path, "HNSW16", search={"efSearch": 200}, threads=1, bundle=model)
+    other = build(model.path, tmp_path, _opts("HNSW16", search={"efSearch": 200}), NO_REDIS, bundle=model)
     assert other.version != first.version and current_version(tmp_path / model.name) == other.version
-    back = build(model.path, tmp_path, "HNSW16", threads=1, bundle=model)
+    back = build(model.path, tmp_path, _opts("HNSW16"), NO_REDIS, bundle=model)
     assert back.status == "repointed" and current_version(tmp_path / model.name) == first.version
 
 
 @pytest.fixture
 def published(model: ModelBundle, tmp_path: Path) -> Path:
     """A private copy of a published Flat index version folder."""
-    return build(model.path, tmp_path / "indexes", "Flat", threads=1, bundle=model).path
+    return build(model.path, tmp_path / "indexes", _opts("Flat"), NO_REDIS, bundle=model).path
 
 
 def test_corrupted_index_file_is_refused(published: Path) -> None:
@@ -178,7 +187,7 @@ def test_concurrent_publishes_leave_a_consistent_current(tmp_path: Path) -> None
     def publish(folder: Path, version: str) -> None:
         try:
             start.wait()
-            commit(folder, version, keep=3)
+            commit(folder, version, PublishOptions(keep=3))
         except BaseException as err:  # surfaced below
             errors.append(err)
 
@@ -204,7 +213,7 @@ def test_concurrent_publishes_from_processes(tmp_path: Path) -> None:
     parent = tmp_path / "idx"
     staged = [_stage_version(parent, s) for s in range(6)]
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=commit, args=(folder, version, 10)) for folder, version in staged]
+    procs = [ctx.Process(target=commit, args=(folder, version, PublishOptions(keep=10))) for folder, version in staged]
     for p in procs:
         p.start()
     for p in procs:
@@ -219,20 +228,18 @@ def test_retention_keeps_the_newest(tmp_path: Path) -> None:
     parent = tmp_path / "idx"
     for seed in range(4):
         folder, version = _stage_version(parent, seed)
-        commit(folder, version, keep=2)
+        commit(folder, version, PublishOptions(keep=2))
     assert versions(parent) == ["v002", "v003"] and current_version(parent) == "v003"
 
 
 def test_retention_keeps_a_rolled_back_current(tmp_path: Path) -> None:
-    from index.publish import _retain, locked
-
     parent = tmp_path / "idx"
     for seed in range(4):
         folder, version = _stage_version(parent, seed)
-        commit(folder, version, keep=10)
+        commit(folder, version, PublishOptions(keep=10))
     write_pointer(parent / CURRENT, "v000")  # the oldest
     with locked(parent):
-        removed = _retain(parent, keep=1)
+        removed = retain(parent, CURRENT, keep=1)
     assert sorted(removed) == ["v001", "v002"]
     assert sorted(versions(parent)) == ["v000", "v003"]
     assert load_index(parent).version == "v000"
@@ -243,7 +250,7 @@ def test_publish_is_announced_on_redis(model: ModelBundle, tmp_path: Path, redis
     pubsub = client.pubsub()
     pubsub.subscribe(channel(model.name))
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
-    result = build(model.path, tmp_path, "Flat", threads=1, redis_url=redis_url, bundle=model)
+    result = build(model.path, tmp_path, _opts("Flat"), PublishOptions(redis_url=redis_url), bundle=model)
     message = pubsub.get_message(timeout=5)
     assert message is not None and message["type"] == "message"
     assert json.loads(message["data"]) == {
@@ -263,7 +270,8 @@ def test_unreachable_redis_warns_but_publishes(
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = build(model.path, tmp_path, "Flat", threads=1, redis_url=f"redis://127.0.0.1:{port}/0", bundle=model)
+    unreachable = PublishOptions(redis_url=f"redis://127.0.0.1:{port}/0")
+    result = build(model.path, tmp_path, _opts("Flat"), unreachable, bundle=model)
     assert current_version(tmp_path / model.name) == result.version
     assert "Redis notify failed" in capsys.readouterr().err
 
@@ -273,7 +281,7 @@ def test_multi_interest_model_end_to_end(demo_dir: Path, tmp_path: Path) -> None
     cfg = tiny_config(demo_dir, tmp_path / "models", epochs=1)
     cfg["model"] = {"type": "mind", "output_dim": 16, "temperature": 0.1, "max_k": 3, "max_seq_len": 20}
     mind = load_bundle(fit(parse_config(cfg, "test")).bundle)
-    result = build(mind.path, tmp_path / "indexes", "Flat", threads=1, num_queries=200, bundle=mind)
+    result = build(mind.path, tmp_path / "indexes", _opts("Flat", num_queries=200), NO_REDIS, bundle=mind)
     assert result.manifest["quality"]["num_queries"] > 200  # several interests per sampled user
     loaded = load_index(result.path, model_manifest=mind.manifest)
     items = np.concatenate([v for _, v in item_vectors(mind)])  # (I, D)

@@ -18,11 +18,12 @@ import pytest
 from index.bundle import CURRENT, load_index
 from index.cli import main
 from index.factory import parse_spec
-from index.publish import current_version, versions
+from index.publish import current_version
 from index.quality import query_vectors
 from index.search import search
 from index.upsert import stored_vectors
 from models.bundle import ModelBundle, load_bundle, save_bundle
+from models.publish import versions
 from tests.conftest import tiny_config
 from training.config import parse_config
 from training.trainer import fit

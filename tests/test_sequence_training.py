@@ -9,6 +9,7 @@ import torch
 
 from index.build import build
 from index.bundle import load_index
+from index.options import BuildOptions, PublishOptions
 from index.search import search_vectors
 from models.bundle import load_bundle
 from models.errors import QuiverError
@@ -191,7 +192,7 @@ def test_fit_bundle_round_trip_and_index(demo_dir: Path, tmp_path: Path, kind: s
     test = score_queries(bundle.model, enc, enc.test, [20], torch.device("cpu")).metrics
     assert test["Recall@20"] > 0.02  # above nothing: the demo catalog's popularity sits near 0.03
     # The index serves the bundle's item tower; the user tower reads the bundle's own histories.
-    index = load_index(build(result.bundle, tmp_path / "indexes", factory="Flat").path)
+    index = load_index(build(result.bundle, tmp_path / "indexes", BuildOptions(factory="Flat"), PublishOptions()).path)
     users = bundle.users.slice(0, 5)
     histories = users["history"].to_pylist()
     vectors, mask = user_vectors(bundle, users.select(["user_id"]), histories)
@@ -257,7 +258,8 @@ def test_hstu_with_time_buckets_trains_on_the_data_clock(demo_dir: Path, tmp_pat
     times = bundle.users["history_time"].to_pylist()  # the embedded serving state keeps the click times
     assert [len(t) for t in times] == [len(h) for h in bundle.users["history"].to_pylist()]
     assert all(t == sorted(t) for t in times)
-    build(result.bundle, tmp_path / "indexes", factory="Flat")  # its recall check reads those times
+    # its recall check reads those times
+    build(result.bundle, tmp_path / "indexes", BuildOptions(factory="Flat"), PublishOptions())
     lines = tmp_path / "seq.txt"
     lines.write_text("u1 a b c\nu2 b c d\n")
     cfg["data"] = {"format": "sequence_lines", "path": str(lines), "max_seq_len": 20}

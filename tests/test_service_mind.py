@@ -8,6 +8,7 @@ import numpy as np
 
 from index.build import build
 from index.bundle import load_index
+from index.options import BuildOptions, PublishOptions
 from index.search import search
 from models.bundle import load_bundle
 from models.inputs import user_vectors
@@ -25,7 +26,7 @@ def test_mind_recall_merges_every_interest_like_offline(demo_dir: Path, tmp_path
     cfg["model"] = copy.deepcopy(MIND)
     path = fit(parse_config(cfg, "test")).bundle
     assert path is not None
-    build(path, root / "indexes", factory="Flat")
+    build(path, root / "indexes", BuildOptions(factory="Flat"), PublishOptions())
     bundle = load_bundle(path)
     index = load_index(root / "indexes" / "tiny", model_manifest=bundle.manifest)
     lengths = [len(h) for h in bundle.users["history"].to_pylist()]

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from index.build import build
+from index.options import BuildOptions, PublishOptions
 from models.bundle import ModelBundle, load_bundle
 from service.runtime import Runtime
 from service.userstate import UserState, hist_key, hist_time_key, user_key
@@ -26,7 +27,7 @@ def sasrec_tree(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     cfg = sequence_config(demo_dir, root / "models", num_threads=1, epochs=10)
     path = fit(parse_config(cfg, "test")).bundle
     assert path is not None
-    build(path, root / "indexes", factory="Flat")
+    build(path, root / "indexes", BuildOptions(factory="Flat"), PublishOptions())
     return root, load_bundle(path)
 
 
@@ -106,7 +107,7 @@ def hstu_time_tree(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     cfg["model"]["time_buckets"] = 24
     path = fit(parse_config(cfg, "test")).bundle
     assert path is not None
-    build(path, root / "indexes", factory="Flat")
+    build(path, root / "indexes", BuildOptions(factory="Flat"), PublishOptions())
     return root, load_bundle(path)
 
 
