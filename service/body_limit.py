@@ -1,8 +1,16 @@
-"""413 for request bodies over QUIVER_MAX_BODY_BYTES, before the body is read into memory or parsed.
+"""Bounds on a request body: its size (413 over QUIVER_MAX_BODY_BYTES) and its arrival time (408 past
+QUIVER_BODY_TIMEOUT_S), both enforced before the body is parsed.
 
-A declared Content-Length over the limit is refused at once; a chunked body (no length) is counted as it arrives and
-refused the moment it passes the limit, so a client cannot stream an unbounded body into the JSON parser.
+Size: a declared Content-Length over the limit is refused at once; a chunked body (no length) is counted as it arrives
+and refused the moment it passes the limit, so a client cannot stream an unbounded body into the JSON parser.
+
+Time: uvicorn hands a request to the app as soon as its headers are in, and then waits for the body as long as the
+client likes, so a client that sends headers and half a body would hold a connection (and a request slot) forever.
+Each wait for more body is cut at the deadline; the answer is a 408 with `Connection: close`, which makes uvicorn drop
+the connection, since what is left of the half-sent body would otherwise be read as the next request.
 """
+
+import asyncio
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,10 +29,17 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, _too_large(f"over {max_bytes} bytes (chunked)", max_bytes))
 
 
+class BodyTimedOut(HTTPException):
+    def __init__(self, timeout_s: float) -> None:
+        detail = f"request body: not complete after {timeout_s:g} s (QUIVER_BODY_TIMEOUT_S); connection closed"
+        super().__init__(408, detail, headers={"connection": "close"})
+
+
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -34,20 +49,28 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await send_json(send, 413, {"detail": _too_large(f"{int(declared)} bytes", self.max_bytes)})
             return
-        seen = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        seen, complete = 0, False
 
-        async def counted_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+        async def bounded_receive() -> Message:
+            nonlocal seen, complete
+            if complete:  # the body is in: later calls wait for a disconnect, which has no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise BodyTimedOut(self.timeout_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
             return message
 
         tracked = TrackedSend(send)
         try:
-            await self.app(scope, counted_receive, tracked)
-        except BodyTooLarge as err:
+            await self.app(scope, bounded_receive, tracked)
+        except (BodyTooLarge, BodyTimedOut) as err:
             if not tracked.started:
-                await send_json(send, 413, {"detail": err.detail})
+                await send_json(send, err.status_code, {"detail": err.detail}, err.headers)

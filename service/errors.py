@@ -12,20 +12,38 @@ from typing import Any
 import orjson
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.schemas import ErrorBody
 
 log = logging.getLogger("quiver.service")
 
 
-class JSON(Response):
-    """orjson-encoded JSON; the routes build plain dicts, so no second validation pass runs on the way out."""
-
-    media_type = "application/json"
+class JSON(JSONResponse):
+    """orjson-encoded JSON, for the error handlers (the routes return their typed response models)."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
+
+# What each status means where a route can return it; the body is always `ErrorBody`.
+STATUS_TEXT = {
+    401: "admin token missing",
+    403: "admin disabled or wrong token",
+    404: "not found (e.g. `model` names a bundle that is not loaded)",
+    408: "the request body did not arrive within QUIVER_BODY_TIMEOUT_S (the connection is closed)",
+    409: "the newest published bundles were refused; the old ones keep serving",
+    413: "request body over QUIVER_MAX_BODY_BYTES",
+    422: "invalid request: each bad field named",
+    503: "not ready (no model loaded), no ranker for a rerank, or Redis unavailable for /events",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route can answer, each with the shared error body."""
+    return {code: {"model": ErrorBody, "description": STATUS_TEXT[code]} for code in codes}
 
 
 def _error_line(err: dict[str, Any]) -> str:
@@ -41,16 +59,24 @@ async def validation_error(request: Request, exc: Exception) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI answers a body it cannot decode (invalid UTF-8, JSON nested past the parser's depth) with a bare
+        # 400; it is a malformed request like any other, so it gets the 422 that names what is wrong with it.
+        cause = exc.__cause__
+        why = "nested too deeply" if isinstance(cause, RecursionError) else f"{type(cause).__name__}: {cause}"
+        errors = [{"loc": ["body"], "msg": f"the body is not valid JSON ({why})"[:300], "type": "json_invalid"}]
+        return JSON({"detail": errors, "message": _error_line(errors[0])}, status_code=422)
     body: dict[str, Any] = {"detail": exc.detail}
     if isinstance(exc.detail, list):
         body["message"] = "; ".join(_error_line(e) for e in exc.detail)
     return JSON(body, status_code=exc.status_code, headers=exc.headers)
 
 
-async def send_json(send: Send, status: int, content: Any) -> None:
+async def send_json(send: Send, status: int, content: Any, extra: dict[str, str] | None = None) -> None:
     """A whole JSON response from plain ASGI middleware, where FastAPI's response classes do not reach."""
     body = orjson.dumps(content)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -38,6 +38,12 @@ class Metrics:
         self.errors = Counter("quiver_errors_total", "Failures by kind", ["kind"], registry=r)
         self.degraded = Counter("quiver_degraded_total", "Answers served degraded, by reason", ["reason"], registry=r)
         self.reloads = Counter("quiver_reloads_total", "Reload attempts by outcome", ["outcome"], registry=r)
+        self.reload_loop_errors = Counter(
+            "quiver_reload_loop_errors_total", "Errors survived by the reload poll and listener", ["task"], registry=r
+        )
+        self.redis_breaker = Gauge(
+            "quiver_redis_breaker_open", "1 while the Redis circuit breaker is open or half-open", registry=r
+        )
         for stage in STAGES:
             self.stage_duration.labels(stage)
 

@@ -1,17 +1,17 @@
 """The request flows behind the routes: user state -> user tower -> index search [-> TDM rerank] -> answer.
 
-Each flow takes the served `Runtime` once, at its start, and uses only that object, so an answer never mixes the
-versions of two triples even when a swap happens mid-request. CPU work runs on the model thread (one thread, so
-torch and FAISS keep their own core threads and never oversubscribe the machine); the event loop only parses,
-awaits Redis and serialises.
+Each flow is handed the served `Runtime` once, at its start (service/deps.py), and uses only that object, so an
+answer never mixes the versions of two triples even when a swap happens mid-request. CPU work runs on the model
+thread (one thread, so torch and FAISS keep their own core threads and never oversubscribe the machine); the event
+loop only parses, awaits Redis and serialises. The micro-batcher calls `recall_batch` on the runtime directly.
 """
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import HTTPException
 from redis.exceptions import RedisError
@@ -20,11 +20,21 @@ from service.batcher import MicroBatcher
 from service.metrics import Metrics
 from service.reload import RuntimeHolder
 from service.runtime import Found, RecallJob, Runtime
-from service.schemas import EventsRequest, RankRequest, RecallRequest, UserInput
+from service.schemas import (
+    EventsRequest,
+    EventsResponse,
+    RankRequest,
+    RankResponse,
+    RecallRequest,
+    RecallResponse,
+    ScoredItem,
+    UserInput,
+)
 from service.settings import Settings
-from service.userstate import HISTORY_TIME_MISSING, RedisStore, UserState, resolve
+from service.userstate import HISTORY_TIME_MISSING, RedisStore, StoreUnavailable, UserState, resolve
 
 DEFAULT_EVENTS_LEN = 200  # history kept per user by /events before any model is loaded
+T = TypeVar("T")
 
 
 def field_error(status: int, loc: Sequence[str | int], msg: str) -> HTTPException:
@@ -34,6 +44,8 @@ def field_error(status: int, loc: Sequence[str | int], msg: str) -> HTTPExceptio
 
 @dataclass
 class Services:
+    """What the flows share for the app's lifetime; built by the lifespan (service/app.py)."""
+
     settings: Settings
     metrics: Metrics
     holder: RuntimeHolder
@@ -41,126 +53,140 @@ class Services:
     store: RedisStore | None
     batcher: MicroBatcher[Runtime, RecallJob, Found] | None
 
-    def runtime(self) -> Runtime:
-        rt = self.holder.current
-        if rt is None:
-            reason = self.holder.last_error or "still loading"
-            raise HTTPException(503, detail=f"no model loaded: {reason}")
-        return rt
-
-    def run_recall(self, rt: Runtime, jobs: Sequence[RecallJob]) -> list[Found]:
-        """Model-thread entry of a (micro-)batch."""
-        hits, timings = rt.recall(jobs)
-        self.metrics.stage_duration.labels("user_tower").observe(timings.user_tower)
-        self.metrics.stage_duration.labels("search").observe(timings.search)
-        return hits
-
-    async def _on_model_thread(self, fn: Any, *args: Any) -> Any:
+    async def on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def user_state(self, rt: Runtime, req: UserInput, tower: bool = True) -> UserState:
-        """tower: the retriever's user tower reads this state (and, for a time-reading model, its click times)."""
-        if req.features:
-            allowed = set(rt.users.columns) | set(rt.ranker_users.columns if rt.ranker_users else ())
-            for key in req.features:
-                if key not in allowed or key == "user_id":
-                    fields = ", ".join(sorted(allowed - {"user_id"})) or "none"
-                    raise field_error(422, ["body", "features", key], f"not a profile field (fields: {fields})")
-        needs_time = tower and rt.reads_time
-        if needs_time and req.history is not None and req.history_timestamps is None:
-            raise field_error(
-                422,
-                ["body", "history_timestamps"],
-                "required with `history`: the model reads when each item was clicked",
-            )
-        t0 = time.perf_counter()
-        record = await self.store.fetch(req.user_id, rt.state_len) if self.store is not None else None
-        state = resolve(
-            req.user_id, rt.users, record, self.store is not None, req.history, req.features, req.history_timestamps
+
+def recall_batch(metrics: Metrics, rt: Runtime, jobs: Sequence[RecallJob]) -> list[Found]:
+    """Model-thread entry of a (micro-)batch."""
+    hits, timings = rt.recall(jobs)
+    metrics.stage_duration.labels("user_tower").observe(timings.user_tower)
+    metrics.stage_duration.labels("search").observe(timings.search)
+    return hits
+
+
+async def user_state(svc: Services, rt: Runtime, req: UserInput, tower: bool = True) -> tuple[UserState, list[str]]:
+    """The user's layered state, and the `features` keys no served bundle reads (ignored, reported back).
+
+    tower: the retriever's user tower reads this state (and, for a time-reading model, its click times)."""
+    features, ignored = None, []
+    if req.features:
+        known = set(rt.users.columns) | set(rt.ranker_users.columns if rt.ranker_users else ())
+        known.discard("user_id")
+        features = {k: v for k, v in req.features.items() if k in known}
+        ignored = sorted(k for k in req.features if k not in known)
+    needs_time = tower and rt.reads_time
+    if needs_time and req.history is not None and req.history_timestamps is None:
+        raise field_error(
+            422, ["body", "history_timestamps"], "required with `history`: the model reads when each item was clicked"
         )
-        if needs_time and state.history and state.history_time is None:
-            state.degraded.append(HISTORY_TIME_MISSING)  # served as if every click happened at once
-        self.metrics.stage_duration.labels("feature_fetch").observe(time.perf_counter() - t0)
-        for reason in state.degraded:
-            self.metrics.degraded.labels(reason).inc()
-        return state
+    t0 = time.perf_counter()
+    record = await svc.store.fetch(req.user_id, rt.state_len) if svc.store is not None else None
+    state = resolve(req.user_id, rt.users, record, svc.store is not None, req.history, features, req.history_timestamps)
+    if needs_time and state.history and state.history_time is None:
+        state.degraded.append(HISTORY_TIME_MISSING)  # served as if every click happened at once
+    svc.metrics.stage_duration.labels("feature_fetch").observe(time.perf_counter() - t0)
+    for reason in state.degraded:
+        svc.metrics.degraded.labels(reason).inc()
+    return state, ignored
 
-    @staticmethod
-    def _answer(rt: Runtime, state: UserState, unknown: dict[str, list[str]]) -> dict[str, Any]:
-        model_version, index_version, ranker_version = rt.versions
-        return {
-            "model_version": model_version,
-            "index_version": index_version,
-            "ranker_version": ranker_version,
-            "user_state": state.source,
-            "degraded": ",".join(state.degraded) or None,
-            "unknown_items": {k: v for k, v in unknown.items() if v} or None,
-        }
 
-    async def recall(self, req: RecallRequest) -> dict[str, Any]:
-        rt = self.runtime()
-        if req.model is not None and req.model != rt.model.name:
-            raise field_error(404, ["body", "model"], f"model {req.model!r} is not loaded (serving {rt.model.name!r})")
-        if req.rerank and rt.ranker is None:
-            raise HTTPException(503, detail="rerank: no ranker loaded (set QUIVER_RANKER)")
-        state = await self.user_state(rt, req)
-        unknown = {"history": rt.split_known(state.history)[1] if req.history else [], "exclude": []}
-        exclude = list(req.exclude)
-        if exclude:
-            unknown["exclude"] = rt.split_known(exclude)[1]
-        if req.exclude_seen:
-            exclude += state.history
-        fetch = max(req.k, self.settings.rerank_candidates) if req.rerank else req.k
-        job = RecallJob(state, fetch, exclude)
-        if self.batcher is not None:
-            found = await self.batcher.submit(rt, job)
-        else:
-            found = (await self._on_model_thread(self.run_recall, rt, [job]))[0]
-        body = self._answer(rt, state, unknown)
-        if not req.rerank:
-            body["items"] = [{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*found, strict=True)]
-            return body
-        retrieved = {i: (s, t) for i, s, t in zip(*found, strict=True)}
-        t0 = time.perf_counter()
-        ranked, unscorable = await self._on_model_thread(rt.rank, state, found.item_ids, req.k)
-        self.metrics.stage_duration.labels("rerank").observe(time.perf_counter() - t0)
-        body["items"] = [
-            {"item_id": i, "score": s, "interest": retrieved[i][1], "retrieval_score": retrieved[i][0]}
-            for i, s in ranked
-        ]
-        if unscorable:
-            body["unknown_items"] = {**(body["unknown_items"] or {}), "rerank": unscorable}
-        return body
+def _answer(rt: Runtime, state: UserState, unknown: dict[str, list[str]], ignored: list[str]) -> dict[str, Any]:
+    model_version, index_version, ranker_version = rt.versions
+    return {
+        "model_version": model_version,
+        "index_version": index_version,
+        "ranker_version": ranker_version,
+        "user_state": state.source,
+        "degraded": ",".join(state.degraded) or None,
+        "unknown_items": {k: v for k, v in unknown.items() if v} or None,
+        "ignored_features": ignored or None,
+    }
 
-    async def rank(self, req: RankRequest) -> dict[str, Any]:
-        rt = self.runtime()
-        if rt.ranker is None:
-            raise HTTPException(503, detail="no ranker loaded (set QUIVER_RANKER)")
-        state = await self.user_state(rt, req, tower=False)
-        t0 = time.perf_counter()
-        ranked, unknown = await self._on_model_thread(rt.rank, state, req.candidates, req.k)
-        self.metrics.stage_duration.labels("rerank").observe(time.perf_counter() - t0)
-        hist_unknown = [h for h in state.history if h not in rt.ranker.item_row] if req.history else []
-        body = self._answer(rt, state, {"candidates": unknown, "history": hist_unknown})
-        body["items"] = [{"item_id": i, "score": s} for i, s in ranked]
-        return body
 
-    async def events(self, req: EventsRequest) -> dict[str, Any]:
-        if self.store is None:
-            raise HTTPException(503, detail="events: no live user state store (set QUIVER_REDIS_URL)")
-        rt = self.holder.current
-        max_len = rt.state_len if rt is not None else DEFAULT_EVENTS_LEN
-        stored = rt.users.get(req.user_id) if rt is not None else None
-        seed = stored[1][-max_len:] if stored else []
-        seed_times = rt.users.times(req.user_id) if rt is not None and stored else None
-        now = int(time.time())
-        times = req.timestamps if req.timestamps is not None else [now] * len(req.items)
-        try:
-            n = await self.store.append(
-                req.user_id, req.items, times, max_len, seed, seed_times[-max_len:] if seed_times else None
-            )
-        except (RedisError, OSError, TimeoutError) as err:
-            self.metrics.errors.labels("events_redis").inc()
-            raise HTTPException(503, detail=f"events: not stored, Redis unavailable ({type(err).__name__})") from None
-        unknown = rt.split_known(req.items)[1] if rt is not None else []
-        return {"user_id": req.user_id, "history_length": n, "unknown_items": unknown}
+async def recall(svc: Services, rt: Runtime, req: RecallRequest) -> RecallResponse:
+    if req.model is not None and req.model != rt.model.name:
+        raise field_error(404, ["body", "model"], f"model {req.model!r} is not loaded (serving {rt.model.name!r})")
+    if req.rerank and rt.ranker is None:
+        raise HTTPException(503, detail="rerank: no ranker loaded (set QUIVER_RANKER)")
+    state, ignored = await user_state(svc, rt, req)
+    unknown = {"history": rt.split_known(state.history)[1] if req.history else [], "exclude": []}
+    exclude = list(req.exclude)
+    if exclude:
+        unknown["exclude"] = rt.split_known(exclude)[1]
+    if req.exclude_seen:
+        exclude += state.history
+    fetch = max(req.k, svc.settings.rerank_candidates) if req.rerank else req.k
+    job = RecallJob(state, fetch, exclude)
+    if svc.batcher is not None:
+        found = await svc.batcher.submit(rt, job)
+    else:
+        found = (await svc.on_model_thread(recall_batch, svc.metrics, rt, [job]))[0]
+    body = _answer(rt, state, unknown, ignored)
+    items: list[ScoredItem]
+    if not req.rerank:
+        items = [{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*found, strict=True)]
+        return RecallResponse.model_construct(**body, items=items)
+    retrieved = {i: (s, t) for i, s, t in zip(*found, strict=True)}
+    t0 = time.perf_counter()
+    ranked, unscorable = await svc.on_model_thread(rt.rank, state, found.item_ids, req.k)
+    svc.metrics.stage_duration.labels("rerank").observe(time.perf_counter() - t0)
+    items = [
+        {"item_id": i, "score": s, "interest": retrieved[i][1], "retrieval_score": retrieved[i][0]} for i, s in ranked
+    ]
+    if unscorable:
+        body["unknown_items"] = {**(body["unknown_items"] or {}), "rerank": unscorable}
+    return RecallResponse.model_construct(**body, items=items)
+
+
+async def rank(svc: Services, rt: Runtime, req: RankRequest) -> RankResponse:
+    if rt.ranker is None:
+        raise HTTPException(503, detail="no ranker loaded (set QUIVER_RANKER)")
+    state, ignored = await user_state(svc, rt, req, tower=False)
+    t0 = time.perf_counter()
+    ranked, unknown = await svc.on_model_thread(rt.rank, state, req.candidates, req.k)
+    svc.metrics.stage_duration.labels("rerank").observe(time.perf_counter() - t0)
+    hist_unknown = [h for h in state.history if h not in rt.ranker.item_row] if req.history else []
+    body = _answer(rt, state, {"candidates": unknown, "history": hist_unknown}, ignored)
+    items: list[ScoredItem] = [{"item_id": i, "score": s} for i, s in ranked]
+    return RankResponse.model_construct(**body, items=items)
+
+
+def _why(err: BaseException) -> str:
+    return err.reason if isinstance(err, StoreUnavailable) else type(err).__name__
+
+
+async def events(svc: Services, req: EventsRequest) -> EventsResponse:
+    if svc.store is None:
+        raise HTTPException(503, detail="events: no live user state store (set QUIVER_REDIS_URL)")
+    rt = svc.holder.current
+    max_len = rt.state_len if rt is not None else DEFAULT_EVENTS_LEN
+    stored = rt.users.get(req.user_id) if rt is not None else None
+    seed = stored[1][-max_len:] if stored else []
+    seed_times = rt.users.times(req.user_id) if rt is not None and stored else None
+    now = int(time.time())
+    times = req.timestamps if req.timestamps is not None else [now] * len(req.items)
+    try:
+        done = await svc.store.append(
+            req.user_id,
+            req.items,
+            times,
+            max_len,
+            seed,
+            seed_times[-max_len:] if seed_times else None,
+            event_id=req.event_id,
+        )
+    except (StoreUnavailable, RedisError, OSError, TimeoutError) as err:
+        svc.metrics.errors.labels("events_redis").inc()
+        # Refused by the open breaker, the clicks were not sent; after a timeout Redis may still have applied them,
+        # and only an event_id makes the retry safe.
+        refused = isinstance(err, StoreUnavailable) and err.reason == "breaker_open"
+        stored = "not stored" if refused else "not acknowledged, they may or may not be stored"
+        retry = "retrying with the same event_id is safe" if req.event_id else "send an event_id to make retries safe"
+        raise HTTPException(
+            503, detail=f"events: Redis unavailable ({_why(err)}), the clicks are {stored}; {retry}"
+        ) from None
+    unknown = rt.split_known(req.items)[1] if rt is not None else []
+    return EventsResponse.model_construct(
+        user_id=req.user_id, history_length=done.length, unknown_items=unknown, duplicate=done.duplicate
+    )

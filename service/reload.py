@@ -1,22 +1,27 @@
 """Hot swap: load a new (model, index, ranker) triple beside the served one, then switch in one assignment.
 
 In-flight requests keep the `Runtime` they took and finish on it; Python frees the old one when its last request
-drops the reference. One reload runs at a time. A triple that fails verification or pairing is refused: the old one
-stays served and the refusal is remembered, so the periodic check does not reload the same broken files every time.
+drops the reference. One reload runs at a time.
+
+Any exception while finding, loading or warming a candidate is a refusal, whatever raised it (a truncated
+safetensors file raises the library's own error, not ours): the old triple stays served, the refusal is counted,
+logged and remembered with its time, and a later attempt on the same versions answers "refused" again at once,
+without reloading the broken files, whoever asked first (the poll, the Redis listener or /admin/reload).
 
 Triggers: `POST /admin/reload`, a message on the index's Redis channel (index/publish.py announces every publish),
 and a periodic look at the pointers on disk (QUIVER_RELOAD_POLL_S), which also brings up a service that started
-before anything was published.
+before anything was published. The poll and the listener are supervised loops: an error in one round is logged and
+counted (`quiver_reload_loop_errors_total`) and the loop goes on; the listener resubscribes when Redis comes back.
 """
 
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Literal
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from index.publish import channel
 from models.errors import QuiverError
@@ -26,12 +31,26 @@ from service.settings import Settings
 
 log = logging.getLogger("quiver.reload")
 
+Versions = tuple[str, str, str | None]  # model, index, ranker
+
 
 @dataclass
 class ReloadOutcome:
     status: Literal["reloaded", "unchanged", "refused"]
-    versions: tuple[str, str, str | None] | None  # what is served after the attempt
+    versions: Versions | None  # what is served after the attempt
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    at: float  # Unix seconds
+    versions: Versions | None  # the refused triple; None when no triple could even be found
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err) if isinstance(err, QuiverError) else f"{type(err).__name__}: {err}"
+    return text.replace("\n", " ")[:1000]
 
 
 class RuntimeHolder:
@@ -39,9 +58,8 @@ class RuntimeHolder:
         self.settings = settings
         self.metrics = metrics
         self.current: Runtime | None = None
+        self.refusal: Refusal | None = None  # the latest refusal, until a reload succeeds
         self._lock = asyncio.Lock()
-        self._refused: tuple[str, str, str | None] | None = None
-        self.last_error: str | None = None
 
     def _publish_metrics(self, rt: Runtime) -> None:
         loaded = [("retriever", rt.model.name, rt.model.version), ("index", rt.index.name, rt.index.version)]
@@ -50,57 +68,74 @@ class RuntimeHolder:
         self.metrics.set_loaded(loaded, int(rt.index.index.ntotal))
 
     async def reload(self, force: bool = False) -> ReloadOutcome:
+        """force: reload even the served or an already refused triple (after fixing files in place)."""
         async with self._lock:
             served = self.current.versions if self.current else None
             try:
                 target: Target = await asyncio.to_thread(find_target, self.settings)
-            except QuiverError as err:
-                return self._refuse(str(err), served)
-            if not force and (target.versions == served or target.versions == self._refused):
-                return ReloadOutcome("unchanged", served, self.last_error if target.versions == self._refused else None)
+            except Exception as err:  # no pairable triple on disk: nothing was loaded, nothing changes
+                return self._refuse(_describe(err), None, served)
+            if not force and target.versions == served:
+                return ReloadOutcome("unchanged", served)
+            if not force and self.refusal is not None and self.refusal.versions == target.versions:
+                return ReloadOutcome("refused", served, self.refusal.reason)  # already counted when it was refused
             try:
                 rt = await asyncio.to_thread(load_runtime, target)
-            except (QuiverError, OSError, ValueError, KeyError, RuntimeError) as err:
-                self._refused = target.versions
-                reason = str(err) if isinstance(err, QuiverError) else f"{type(err).__name__}: {err}"
-                return self._refuse(reason, served)
+            except Exception as err:
+                return self._refuse(_describe(err), target.versions, served)
             self.current = rt  # the swap: one reference assignment
-            self._refused, self.last_error = None, None
+            self.refusal = None
             self._publish_metrics(rt)
             self.metrics.reloads.labels("reloaded").inc()
             log.info("serving model %s, index %s, ranker %s", *rt.versions)
             return ReloadOutcome("reloaded", rt.versions)
 
-    def _refuse(self, reason: str, served: tuple[str, str, str | None] | None) -> ReloadOutcome:
-        reason = reason.replace("\n", " ")
-        if reason != self.last_error:
+    def _refuse(self, reason: str, refused: Versions | None, served: Versions | None) -> ReloadOutcome:
+        again = self.refusal is not None and (self.refusal.reason, self.refusal.versions) == (reason, refused)
+        if not again:  # a poll finding the same unpairable pointers every round is one refusal, not one per round
             log.error("reload refused, still serving %s: %s", served, reason)
-        self.last_error = reason
-        self.metrics.reloads.labels("refused").inc()
+            self.metrics.reloads.labels("refused").inc()
+            self.refusal = Refusal(reason, time.time(), refused)
         return ReloadOutcome("refused", served, reason)
+
+
+async def _supervised_round(holder: RuntimeHolder, task: str) -> None:
+    try:
+        await holder.reload()
+    except Exception:  # reload() turns load errors into refusals; this is for anything else (a bug, a disk error)
+        log.exception("%s: reload round failed; the loop goes on", task)
+        holder.metrics.reload_loop_errors.labels(task).inc()
 
 
 async def poll(holder: RuntimeHolder, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
-        await holder.reload()
+        await _supervised_round(holder, "poll")
 
 
-async def listen(holder: RuntimeHolder, url: str, retry_s: float = 2.0) -> None:
-    """Reload on every announcement of the served index name; reconnect whenever Redis goes away."""
+async def listen(holder: RuntimeHolder, url: str, retry_s: float = 1.0) -> None:
+    """Reload on every announcement of the served index name; resubscribe whenever the subscription breaks.
+
+    After a reconnect the pointers are read once, since a publish announced while the subscription was down was
+    never heard."""
     name = channel(holder.settings.index_name)
+    missed = False
     while True:
         client = aioredis.Redis.from_url(url, decode_responses=True)
         try:
             async with client.pubsub() as pubsub:
                 await pubsub.subscribe(name)
+                if missed:
+                    await _supervised_round(holder, "listen")
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         log.info("publish announced on %s: %s", name, message.get("data"))
-                        await holder.reload()
-        except (RedisError, OSError) as err:
-            log.debug("index channel %s: %s; retrying in %.0fs", name, err, retry_s)
+                        await _supervised_round(holder, "listen")
+        except Exception as err:  # Redis gone, a protocol error, anything: count it, wait, resubscribe
+            log.warning("index channel %s: %s: %s; resubscribing in %.1fs", name, type(err).__name__, err, retry_s)
+            holder.metrics.reload_loop_errors.labels("listen").inc()
         finally:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(Exception):
                 await client.aclose()
+        missed = True
         await asyncio.sleep(retry_s)

@@ -30,6 +30,17 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="user state store; unset: the model bundle's own tables")
     redis_timeout_ms: float = Field(50.0, gt=0, description="per Redis call; past it the request is served degraded")
     redis_pool_size: int = Field(64, ge=1)
+    redis_breaker_failures: int = Field(
+        5, ge=1, description="consecutive failed or timed-out Redis calls that open the circuit breaker"
+    )
+    redis_breaker_open_s: float = Field(
+        1.0, gt=0, description="an open breaker serves degraded without calling Redis this long, then probes once"
+    )
+    state_ttl_s: int = Field(
+        2_592_000, ge=0, description="user history/profile keys expire this long after their last write; 0 = never"
+    )
+    event_id_window_s: int = Field(86_400, ge=1, description="how long an /events event_id is remembered for retries")
+    event_id_max: int = Field(10_000, ge=1, description="event_ids remembered per user at most (the oldest go first)")
 
     admin_token: SecretStr | None = Field(None, description="X-Quiver-Admin-Token for /admin/*; unset: admin is off")
     reload_poll_s: float = Field(30.0, ge=0, description="check CURRENT/LATEST for new versions; 0 = only on demand")
@@ -48,6 +59,10 @@ class Settings(BaseSettings):
 
     rerank_candidates: int = Field(200, ge=1, le=1000, description="retrieved candidates TDM reorders on rerank")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="a body not complete this long after its headers gets 408 and a closed connection"
+    )
+    docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json (false: all three are 404)")
 
     @model_validator(mode="after")
     def _names(self) -> Self:

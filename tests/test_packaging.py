@@ -70,7 +70,7 @@ def test_pydantic_is_v2(project: dict[str, Any]) -> None:
 def test_extras(project: dict[str, Any]) -> None:
     extras = project["optional-dependencies"]
     assert set(_requirements(extras["gpu"])) == {"faiss-gpu-cu12"}
-    assert set(_requirements(extras["dev"])) == {"pytest", "ruff", "httpx", "triton"}
+    assert set(_requirements(extras["dev"])) == {"pytest", "ruff", "httpx", "triton", "schemathesis"}
 
 
 def test_console_scripts(project: dict[str, Any]) -> None:

@@ -154,14 +154,19 @@ BAD = [
     ("/recall", {"user_id": "u", "exclude_seen": "sometimes"}, "exclude_seen"),
     ("/recall", {"user_id": "u", "rerank": [True]}, "rerank"),
     ("/recall", {"user_id": "u", "features": ["region"]}, "features"),
-    ("/recall", {"user_id": "u", "features": {"shoe_size": "44"}}, "features"),
-    ("/recall", {"user_id": "u", "features": {"user_id": "v"}}, "features"),
+    ("/recall", {"user_id": "u", "k": "10"}, "k"),  # integers only: no string or bool coercion
+    ("/recall", {"user_id": "u", "k": True}, "k"),
+    ("/recall", {"user_id": "u", "k": 10.5}, "k"),
+    ("/recall", {"user_id": "u", "exclude_seen": "true"}, "exclude_seen"),
     ("/recall", {"user_id": "u", "exclude_sen": True}, "exclude_sen"),
     ("/rank", {"user_id": "u", "candidates": []}, "candidates"),
     ("/rank", {"user_id": "u", "candidates": ["i001"] * 1001}, "candidates"),
     ("/rank", {"user_id": "u"}, "candidates"),
     ("/rank", {"user_id": "u", "candidates": ["i001"], "k": 0}, "k"),
+    ("/rank", {"user_id": "u", "candidates": ["i001", "i002", "i001"]}, "candidates"),
     ("/events", {"user_id": "u", "items": []}, "items"),
+    ("/events", {"user_id": "u", "items": ["i001"], "event_id": ""}, "event_id"),
+    ("/events", {"user_id": "u", "items": ["i001"], "timestamps": ["1700000000"]}, "timestamps"),
 ]
 
 
@@ -207,6 +212,7 @@ def test_metrics_carry_the_design_series(api: httpx.Client, bundle, serving_tree
     text = api.get("/metrics").text
     assert 'quiver_request_duration_seconds_count{endpoint="/recall",status="200"}' in text
     assert 'quiver_request_duration_seconds_count{endpoint="/recall",status="422"}' in text
+    assert 'endpoint="/admin/reload",status="401"' in text
     for stage in ("feature_fetch", "user_tower", "search", "rerank"):
         prefix = f'quiver_stage_duration_seconds_count{{stage="{stage}"}}'
         line = next(x for x in text.splitlines() if x.startswith(prefix))

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from models.bundle import load_bundle
-from service.userstate import hist_key, user_key
+from service.userstate import hist_key, hist_time_key, seen_key, user_key
 from tests.conftest import RedisProcess
 from tests.serving import Tree, running, settings
 
@@ -98,7 +98,7 @@ def test_redis_stopped_then_restarted(serving_tree: Tree, bundle, tmp_path: Path
             unknown = client.post("/recall", json={"user_id": "nobody-at-all", "k": 10}).json()
             assert unknown["degraded"] == "redis_unavailable,popularity_fallback" and len(unknown["items"]) == 10
             ev = client.post("/events", json={"user_id": user_id, "items": ["i006"]})
-            assert ev.status_code == 503 and "not stored" in ev.json()["detail"]
+            assert ev.status_code == 503 and "send an event_id to make retries safe" in ev.json()["detail"]
             ready = client.get("/readyz")
             assert ready.status_code == 200 and ready.json()["redis"] == "degraded"
             server.start()  # same port; the history written before the stop is gone (no persistence)
@@ -111,6 +111,8 @@ def test_redis_stopped_then_restarted(serving_tree: Tree, bundle, tmp_path: Path
             assert body["degraded"] is None and body["user_state"] == "bundle"
             assert client.get("/readyz").json()["redis"] == "ok"
             assert client.post("/events", json={"user_id": user_id, "items": ["i006"]}).status_code == 200
+            # read-your-writes: the /recall right after an acknowledged click reads it from Redis
+            assert client.post("/recall", json={"user_id": user_id, "k": 10}).json()["user_state"] == "redis"
             text = client.get("/metrics").text
             assert 'quiver_degraded_total{reason="redis_unavailable"}' in text
             client.close()
@@ -140,3 +142,85 @@ def test_a_hanging_redis_costs_at_most_the_timeout(serving_tree: Tree, bundle, t
             client.close()
     finally:
         server.stop()
+
+
+def _stall(url: str, seconds: float) -> threading.Thread:
+    """Block the real server (DEBUG SLEEP) from another connection, the way a slow command or a fork would."""
+    blocker = threading.Thread(target=lambda: redis.Redis.from_url(url).execute_command("DEBUG", "SLEEP", seconds))
+    blocker.start()
+    time.sleep(0.05)  # the sleep has begun
+    return blocker
+
+
+@pytest.fixture
+def debug_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path, "--enable-debug-command", "yes").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tight(serving_tree: Tree, debug_redis: RedisProcess) -> Iterator[httpx.Client]:
+    """The service over the stallable Redis with a 50 ms budget per call."""
+    with (
+        running(settings(serving_tree, redis_url=debug_redis.url, redis_timeout_ms=50)) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        yield client
+
+
+def test_an_events_retry_after_a_timeout_stores_the_click_once(
+    tight: httpx.Client, bundle, debug_redis: RedisProcess
+) -> None:
+    """The probe's case: Redis stalled 300 ms on a warm connection, the 503 went out while the click was stored."""
+    user_id, client = _user(bundle, 42)[0], tight
+    with redis.Redis.from_url(debug_redis.url, decode_responses=True) as r:
+        assert client.post("/events", json={"user_id": user_id, "items": ["i001"], "event_id": "e0"}).status_code == 200
+        click = {"user_id": user_id, "items": ["i002"], "event_id": "e1"}
+        blocker = _stall(debug_redis.url, 0.3)
+        first = client.post("/events", json=click)
+        blocker.join()
+        assert first.status_code == 503, first.text
+        assert "retrying with the same event_id is safe" in first.json()["detail"]
+        retry = client.post("/events", json=click)
+        assert retry.status_code == 200
+        again = client.post("/events", json=click)  # a client that retries once too often
+        assert again.status_code == 200 and again.json()["duplicate"] is True
+        stored = r.lrange(hist_key(user_id), 0, -1)
+        assert stored.count("i002") == 1 and stored.count("i001") == 1
+        assert again.json()["history_length"] == len(stored)
+
+
+def test_state_keys_expire_and_each_write_refreshes_them(serving_tree: Tree, bundle, redis_url: str) -> None:
+    user_id = _user(bundle, 43)[0]
+    with (
+        running(settings(serving_tree, redis_url=redis_url, state_ttl_s=3600)) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+        redis.Redis.from_url(redis_url, decode_responses=True) as r,
+    ):
+        r.hset(user_key(user_id), mapping={"region": "r1"})
+        assert r.ttl(user_key(user_id)) == -1
+        assert client.post("/events", json={"user_id": user_id, "items": ["i003"], "event_id": "x"}).status_code == 200
+        keys = [hist_key(user_id), hist_time_key(user_id), seen_key(user_id), user_key(user_id)]
+        ttls = [r.ttl(k) for k in keys]
+        assert all(0 < t <= 3600 for t in ttls), ttls
+        for k in keys:
+            r.expire(k, 100)
+        assert client.post("/events", json={"user_id": user_id, "items": ["i004"]}).status_code == 200
+        assert all(r.ttl(k) > 100 for k in keys[:2] + keys[3:])  # refreshed on write
+
+
+def test_one_slow_redis_call_degrades_only_its_own_request(
+    tight: httpx.Client, bundle, debug_redis: RedisProcess
+) -> None:
+    user_id, client = _user(bundle, 44)[0], tight
+    assert client.post("/events", json={"user_id": user_id, "items": ["i005"]}).status_code == 200
+    blocker = _stall(debug_redis.url, 0.2)
+    slow = client.post("/recall", json={"user_id": user_id, "k": 5}).json()
+    blocker.join()
+    after = client.post("/recall", json={"user_id": user_id, "k": 5}).json()  # well within a second
+    assert slow["degraded"] == "redis_unavailable"
+    assert after["degraded"] is None and after["user_state"] == "redis"
+    assert client.get("/readyz").json()["redis_breaker"] == "closed"

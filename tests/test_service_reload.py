@@ -1,14 +1,20 @@
 """Hot swap: reloads under load, refusal of damaged bundles, and reloads triggered by the Redis publish channel."""
 
+import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from index.build import build
 from index.bundle import INDEX_FILE
-from index.publish import notify
+from index.options import BuildOptions, PublishOptions
+from index.publish import channel, notify
+from models.bundle import sha256_file
 from tests.serving import Tree, running, settings
 
 TOKEN = {"X-Quiver-Admin-Token": "s3cret"}
@@ -150,3 +156,106 @@ def test_microbatching_can_be_turned_off(serving_tree: Tree, flag: str, monkeypa
         body = client.post("/recall", json=USER).json()
         assert len(body["items"]) == 15
         assert "quiver_batch_size_count 0.0" in client.get("/metrics").text
+
+
+def _truncate_weights(tree: Tree, model_version: str) -> None:
+    """The probe's bundle: weights cut to 1,000 bytes with the manifest's checksum updated, so only loading the
+    file (safetensors' own header check) can tell."""
+    folder = tree.root / "models" / "tiny" / model_version
+    weights = folder / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["weights.safetensors"] = sha256_file(weights)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _publish_valid(tree: Tree, redis_url: str | None = None) -> str:
+    """A new index version over the served model (another recall sample seed: another version), published the
+    way a rebuild job does; returns its version."""
+    model = tree.root / "models" / "tiny" / tree.models[0]
+    opts = BuildOptions(factory="Flat", seed=int(time.time_ns() % 1_000_000) + 1)
+    return build(model, tree.root / "indexes", opts, PublishOptions(keep=10, redis_url=redis_url)).version
+
+
+def _wait(check: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _refused_count(client: httpx.Client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('quiver_reloads_total{outcome="refused"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_truncated_weights_through_admin_reload_are_a_409_and_nothing_changes(
+    serving_tree: Tree, tmp_path: Path
+) -> None:
+    tree = serving_tree.copy(tmp_path / "artifacts")
+    tree.point(0)
+    with running(settings(tree)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        before = client.post("/recall", json=USER).json()
+        _truncate_weights(tree, tree.models[1])
+        tree.point(1)
+        for attempt in range(2):  # asked twice: refused twice (never "unchanged"), loaded once
+            r = _reload(client)
+            assert r.status_code == 409, r.text
+            assert r.json()["status"] == "refused" and "Safetensor" in r.json()["reason"]
+            assert (r.json()["model_version"], r.json()["index_version"]) == (tree.models[0], tree.indexes[0])
+            assert _refused_count(client) == 1, attempt
+        after = client.post("/recall", json=USER).json()
+        assert _pair(after) == _pair(before) and after["items"] == before["items"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        refusal = ready.json()["last_refusal"]
+        assert refusal["versions"][:2] == [tree.models[1], tree.indexes[1]] and time.time() - refusal["at"] < 60
+        assert client.get("/models").json()["last_refusal"] == refusal
+        version = _publish_valid(tree)  # a valid publish afterwards is served
+        r = _reload(client)
+        assert r.status_code == 200 and r.json()["index_version"] == version
+        assert client.get("/readyz").json()["last_refusal"] is None
+
+
+def test_the_poll_survives_a_broken_bundle_and_serves_the_next_valid_one(serving_tree: Tree, tmp_path: Path) -> None:
+    tree = serving_tree.copy(tmp_path / "artifacts")
+    tree.point(0)
+    with running(settings(tree, reload_poll_s=0.1)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        _truncate_weights(tree, tree.models[1])
+        tree.point(1)
+        _wait(lambda: client.get("/readyz").json()["last_refusal"] is not None, "the poll never tried the bundle")
+        assert _pair(client.get("/readyz").json()) == (tree.models[0], tree.indexes[0])
+        # the poll saw it first; /admin/reload still says it is refused (a deploy script must not read success)
+        r = _reload(client)
+        assert r.status_code == 409 and r.json()["status"] == "refused"
+        assert _refused_count(client) == 1  # polled many times, refused (and loaded) once
+        version = _publish_valid(tree)
+        _wait(lambda: client.get("/readyz").json()["index_version"] == version, "the poll died: valid publish unseen")
+
+
+def test_the_listener_survives_a_broken_bundle_and_serves_the_next_valid_one(
+    serving_tree: Tree, tmp_path: Path, redis_url: str
+) -> None:
+    tree = serving_tree.copy(tmp_path / "artifacts")
+    tree.point(0)
+    channel_name = channel("tiny")
+    with running(settings(tree, redis_url=redis_url)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        probe = redis.Redis.from_url(redis_url)
+        _wait(lambda: dict(probe.pubsub_numsub(channel_name)).get(channel_name.encode(), 0) >= 1, "no subscriber")
+        _truncate_weights(tree, tree.models[1])
+        tree.point(1)
+        folder = tree.root / "indexes" / "tiny" / tree.indexes[1]
+        _wait(
+            lambda: (
+                notify(redis_url, "tiny", tree.indexes[1], folder)
+                and client.get("/readyz").json()["last_refusal"] is not None
+            ),
+            "the listener never tried the bundle",
+        )
+        assert _pair(client.get("/readyz").json()) == (tree.models[0], tree.indexes[0])
+        assert dict(probe.pubsub_numsub(channel_name))[channel_name.encode()] >= 1  # still subscribed
+        version = _publish_valid(tree, redis_url)  # announced on the channel; polling is off in these settings
+        _wait(lambda: client.get("/readyz").json()["index_version"] == version, "the listener died: publish unheard")
+        probe.close()

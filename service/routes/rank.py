@@ -1,0 +1,16 @@
+"""POST /rank (DESIGN §7); the flow lives in service/pipeline.py."""
+
+from fastapi import APIRouter
+
+from service import pipeline
+from service.deps import RuntimeDep, ServicesDep
+from service.errors import error_responses
+from service.schemas import RankRequest, RankResponse
+
+router = APIRouter(tags=["retrieval"])
+
+
+@router.post("/rank", responses=error_responses(408, 413, 422, 503))
+async def rank(req: RankRequest, svc: ServicesDep, rt: RuntimeDep) -> RankResponse:
+    """The given candidates in the TDM ranker's order (unknown ids reported, not scored)."""
+    return await pipeline.rank(svc, rt, req)
