@@ -45,9 +45,15 @@ def retriever_model(bundle: ModelBundle) -> MatchModel:
 
 
 class Ranker:
-    """A loaded TDM bundle with its catalog features encoded once, ready to score requests."""
+    """A loaded TDM bundle with its catalog features encoded once, ready to score requests.
 
-    def __init__(self, bundle: ModelBundle, device: torch.device | str = "cpu") -> None:
+    fused (default): every catalog item's vector (what the model embeds a candidate or a history item as) is computed
+    here, once, and a request runs `TDM.one_user_logits` on rows of that table: no per-request feature encoding or
+    embedding of candidates and history items. The vectors are the model's at construction, so a Ranker is built
+    after the weights are final (a bundle's are). fused=False runs the batched forward pass on encoded features per
+    request instead: the reference the fused path is tested and benchmarked against."""
+
+    def __init__(self, bundle: ModelBundle, device: torch.device | str = "cpu", fused: bool = True) -> None:
         self.bundle = bundle
         self.model = ranker_model(bundle).eval()
         self.device = torch.device(device)
@@ -59,10 +65,23 @@ class Ranker:
         nulls = pa.table({c: pa.nulls(1, items.schema.field(c).type) for c in items.column_names})
         unknown = bundle.encoder.encode_table("item", nulls, 1)
         self.hist_item_feats = {k: np.concatenate([v, unknown[k]]) for k, v in self.item_feats.items()}  # (I + 1, ...)
+        self.unknown_row = items.num_rows  # I
         self.item_row = {str(x): i for i, x in enumerate(bundle.items["item_id"].to_pylist())}
         self.user_row = {str(x): i for i, x in enumerate(bundle.users["user_id"].to_pylist())}
         self.user_columns = sorted({f.source for f in bundle.encoder.groups.user} | {"user_id"})
         self.history_len = self.model.cfg.history_len
+        self.item_vectors = self._catalog_vectors() if fused else None  # (I + 1, C), row I = an unknown item
+
+    @torch.no_grad()
+    def _catalog_vectors(self, batch: int = 65536) -> torch.Tensor:
+        """(I + 1, C) the model's query vector of every catalog item and of the unknown item (row I), in batches so
+        that a multi_id feature's (batch, M, E) lookup stays bounded."""
+        n = self.unknown_row + 1
+        parts = [
+            self.model.query(to_batch(self.hist_item_feats, slice(s, min(s + batch, n)), self.device))
+            for s in range(0, n, batch)
+        ]
+        return torch.cat(parts)
 
     def profile(self, user: str | Mapping[str, object]) -> tuple[pa.Table, list[str]]:
         """One-row table of the user group's source columns, and the stored history (oldest first; [] if none).
@@ -110,18 +129,51 @@ class Ranker:
                 rows.append(r)
         if not rows:
             return Scored([], np.zeros(0, dtype=np.float32), unknown)
+        if self.item_vectors is not None:
+            scores = self._fused_scores(profile, hist, rows)
+        else:
+            scores = self.model.score(self.user_batch(profile, hist), self.item_batch(rows), fused=False)  # (N,)
+        return Scored(known, scores.float().cpu().numpy(), unknown)
+
+    def user_batch(self, profile: pa.Table, hist: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The model's user-side inputs for one user: profile features, history codes (1, Tw) and, for the "item"
+        history, the history items' item features (1, Tw, ...)."""
         enc = self.bundle.encoder
         feats = enc.encode_table("user", profile, 1) | history_codes(enc, [hist], self.history_len)  # (1, ...)
         if self.model.cfg.history == "item":
-            n_items = len(self.item_row)
-            kept = hist[-self.history_len :] if self.history_len > 0 else []
             hist_rows = np.full((1, self.history_len), -1, dtype=np.int64)  # left-aligned like history_codes
-            hist_rows[0, : len(kept)] = [self.item_row.get(h, n_items) for h in kept]
+            kept = self._history_rows(hist)
+            hist_rows[0, : len(kept)] = kept
             feats |= history_item_features(self.hist_item_feats, hist_rows)
-        user_batch = to_batch(feats, slice(None), self.device)
-        item_batch = to_batch(self.item_feats, np.asarray(rows, dtype=np.int64), self.device)  # (N, ...)
-        scores = self.model.score(user_batch, item_batch)  # (N,) one pass; the user side broadcasts
-        return Scored(known, scores.float().cpu().numpy(), unknown)
+        return to_batch(feats, slice(None), self.device)
+
+    def _history_rows(self, hist: Sequence[str]) -> list[int]:
+        """Catalog rows of the latest history_len items, oldest first; an item outside the catalog is row I."""
+        kept = hist[-self.history_len :] if self.history_len > 0 else []
+        return [self.item_row.get(h, self.unknown_row) for h in kept]
+
+    def item_batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The model's item-side inputs: item features (N, ...) of catalog rows."""
+        return to_batch(self.item_feats, np.asarray(rows, dtype=np.int64), self.device)  # (N, ...)
+
+    def _fused_scores(self, profile: pa.Table, hist: Sequence[str], rows: list[int]) -> torch.Tensor:
+        """(N,) scores from the catalog vectors. The "item" history reads them too: every kept history position
+        is valid (an unknown id is row I, never padding), most recent first; the "hist" history and the user
+        features still go through their encodings."""
+        assert self.item_vectors is not None
+        model = self.model
+        q = self.item_vectors[torch.as_tensor(rows, device=self.device)]  # (N, C)
+        if model.cfg.history == "item":
+            hist_rows = torch.as_tensor(self._history_rows(hist)[::-1], dtype=torch.int64, device=self.device)
+            s = self.item_vectors[hist_rows]  # (T, C) most recent first
+            mask = torch.ones(s.shape[0], dtype=torch.bool, device=self.device)  # (T,)
+            user_batch = to_batch(self.bundle.encoder.encode_table("user", profile, 1), slice(None), self.device)
+        else:
+            user_batch = self.user_batch(profile, hist)
+            s, mask = (x[0] for x in model.history(user_batch))  # (T, C), (T,)
+        u = model.embedding("user", user_batch)[0] if model.user_dim else None  # (U,)
+        logits = model.one_user_logits(s, mask, q, u)  # (N, 2)
+        return logits[:, 1] - logits[:, 0]
 
     def rank(
         self,

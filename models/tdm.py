@@ -115,6 +115,7 @@ class TDM(nn.Module):
         self.attention_out = nn.PReLU()
         self.final = MLP((n_windows + 1) * c + self.user_dim, cfg.final, 2)
         self.register_buffer("windows", window_matrix(cfg.windows_len), persistent=False)  # (L, Tw)
+        self.register_buffer("window_of", self.windows.argmax(0), persistent=False)  # (Tw,) each position's window
 
     def history(self, user_batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) oldest-first codes of each hist feature -> s (B, Tw, C) most recent first, mask (B, Tw) bool.
@@ -221,7 +222,7 @@ class TDM(nn.Module):
             count = torch.einsum("lt,nt->nl", w, m.to(s.dtype))  # (N, L) valid positions per window
         else:
             a, cand, pos, s_p = self.attention_pairs(s, mask, q, user_index)  # (P, 1), (P,), (P,), (P, C)
-            slot = cand * n_windows + self.windows.argmax(0)[pos]  # (P,) flat (candidate, window) of each pair
+            slot = cand * n_windows + self.window_of[pos]  # (P,) flat (candidate, window) of each pair
             pooled = s.new_zeros(n * n_windows, s.shape[2]).index_add_(0, slot, a * s_p).view(n, n_windows, -1)
             count = torch.bincount(slot, minlength=n * n_windows).to(s.dtype).view(n, n_windows)
         r = pooled / count.clamp_min(1.0).unsqueeze(-1)  # (N, L, C); a window with no valid position stays 0
@@ -232,24 +233,81 @@ class TDM(nn.Module):
         user_batch: Batch,
         item_batch: Batch,
         user_index: torch.Tensor | None = None,
+        fused: bool | None = None,
     ) -> torch.Tensor:
-        """(N, 2) logits. user_index (N,) int64 rows of user_batch; None: N == B, or B == 1 (one user's candidates)."""
+        """(N, 2) logits. user_index (N,) int64 rows of user_batch; None: N == B, or B == 1 (one user's candidates).
+
+        fused=None takes `one_user_logits` for one user's candidates at inference (serving's case) and `encode` +
+        `final` otherwise; fused=False forces the latter, the reference the fused path is tested against."""
         s, mask = self.history(user_batch)  # (B, T, C), (B, T)
         q = self.query(item_batch)  # (N, C)
+        if fused is None:
+            fused = user_index is None and s.shape[0] == 1 and not self.training
+        if fused:
+            u = self.embedding("user", user_batch)[0] if self.user_dim else None  # (U,)
+            return self.one_user_logits(s[0], mask[0], q, u)
         x = self.encode(s, mask, q, user_index)  # (N, (L + 1) C)
         if self.user_dim:
             (u,) = _per_candidate(user_index, q.shape[0], self.embedding("user", user_batch))  # (N, U)
             x = torch.cat([x, u], dim=-1)
         return self.final(x)
 
+    def one_user_logits(
+        self, s: torch.Tensor, mask: torch.Tensor, q: torch.Tensor, u: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(N, 2) logits of one user's N candidates: s (T, C) most recent first, mask (T,), q (N, C), u (U,) or None.
+
+        The same function as `encode` + `final`, regrouped so that nothing of size N·T·C is materialised (serving
+        200 candidates: the attention cost 6x a plain MLP on the batched path, see bench/rank_latency.py):
+          - attention, first layer: W_s s_t + W_qs (q ⊙ s_t) + W_q q + b = q · (W_qs ⊙ s_t + W_q) + (W_s s_t + b), so
+            one (N, C) x (C, T'·H) product against per-position keys gives every (candidate, position) pre-activation;
+          - windows + the final MLP's first layer: W_r r = Σ_t a_t (W_r,window(t) s_t / #valid(window(t))) is linear
+            in the weights a, so the per-position (T', F) matrix M is built once per request and each candidate
+            pays a (T',) x (T', F) product instead of pooling L windows of C dims and an (L·C) x F product.
+        Only valid positions (T' of them) are computed, so a short history costs less. Inference only: in training
+        a BatchNorm in the attention MLP would take its statistics over other rows than the batched path's."""
+        n, c, n_windows = q.shape[0], self.hist_dim, len(self.cfg.windows_len)
+        pos = mask.nonzero().squeeze(1)  # (T',) valid positions, ascending, so grouped by window
+        s_v = s.index_select(0, pos)  # (T', C)
+        t = pos.shape[0]
+        if t:
+            first = self.attention[0]
+            assert isinstance(first, nn.Linear)
+            hdim = first.out_features
+            w_s, w_qs, w_q = first.weight.split(c, dim=1)  # each (H, C)
+            keys = torch.addcmul(w_q, s_v[:, None, :], w_qs).view(t * hdim, c)  # (T'·H, C)
+            bias = torch.addmm(first.bias, s_v, w_s.T).view(t * hdim)  # (T'·H,)
+            pre = torch.addmm(bias, q, keys.T)  # (N, T'·H) the first layer's output per (candidate, position)
+            a = self._attention_rest(pre.view(n * t, hdim)).view(n, t)  # (N, T')
+        else:
+            a = q.new_zeros(n, 0)
+        head = self.final[0]  # the final MLP's first Linear, on [r_1 .. r_L, q, u]
+        assert isinstance(head, nn.Linear)
+        w_r = head.weight[:, : n_windows * c].view(-1, n_windows, c)  # (F, L, C)
+        window = self.window_of.index_select(0, pos)  # (T',)
+        counts = torch.bincount(window, minlength=n_windows).to(s.dtype)  # (L,) valid positions per window
+        s_v = s_v / counts.index_select(0, window)[:, None]  # (T', C): each position's share of its window's mean
+        per_window, start = [], 0
+        for w, k in enumerate(counts.long().tolist()):
+            if k:
+                per_window.append(s_v[start : start + k] @ w_r[:, w].T)  # (k, F)
+                start += k
+        m = torch.cat(per_window) if per_window else s_v.new_zeros(0, head.out_features)  # (T', F)
+        bias_head = head.bias if u is None else torch.addmv(head.bias, head.weight[:, (n_windows + 1) * c :], u)
+        h = torch.addmm(bias_head, a, m).addmm_(q, head.weight[:, n_windows * c : (n_windows + 1) * c].T)  # (N, F)
+        for layer in list(self.final)[1:]:
+            h = layer(h)
+        return h
+
     def score(
         self,
         user_batch: Batch,
         item_batch: Batch,
         user_index: torch.Tensor | None = None,
+        fused: bool | None = None,
     ) -> torch.Tensor:
         """(N,) click log-odds logit_1 - logit_0: same order as the softmax probability, without its saturation."""
-        logits = self(user_batch, item_batch, user_index)
+        logits = self(user_batch, item_batch, user_index, fused)
         return logits[:, 1] - logits[:, 0]
 
 
