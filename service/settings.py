@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         5, ge=1, description="consecutive failed or timed-out Redis calls that open the circuit breaker"
     )
     redis_breaker_open_s: float = Field(
-        1.0, gt=0, description="an open breaker serves degraded without calling Redis this long, then probes once"
+        0.1, gt=0, description="an open breaker serves degraded without calling Redis this long, then probes once"
     )
     state_ttl_s: int = Field(
         2_592_000, ge=0, description="user history/profile keys expire this long after their last write; 0 = never"

@@ -162,7 +162,7 @@ class RedisStore:
         pool_size: int,
         *,
         breaker_failures: int = 5,
-        breaker_open_s: float = 1.0,
+        breaker_open_s: float = 0.1,
         state_ttl_s: int = 2_592_000,
         event_id_window_s: int = 86_400,
         event_id_max: int = 10_000,
@@ -205,11 +205,11 @@ class RedisStore:
             on_breaker_change=on_breaker_change,
         )
 
-    async def _call(self, op: str, make: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, op: str, make: Callable[[], Awaitable[T]], gated: bool = True) -> T:
         """One Redis round trip under the breaker and the time budget; raises StoreUnavailable when it did not happen
         or did not finish. The breaker hears of every outcome, so one slow call counts once and does not stop the
         next request from trying Redis."""
-        if not self.breaker.allow():
+        if gated and not self.breaker.allow():
             raise StoreUnavailable("breaker_open", f"{op} not attempted")
         try:
             result = await asyncio.wait_for(make(), self.timeout_s)
@@ -284,7 +284,9 @@ class RedisStore:
         keys = [hist_key(user_id), hist_time_key(user_id), seen_key(user_id), user_key(user_id)]
         head = [max_len, len(seed), len(items), self.state_ttl_s, event_id or "", self.event_id_window_s]
         args = [*head, self.event_id_max, *reversed(seed), *reversed(seed_clock), *items, *times]
-        n, duplicate = await self._call("append", lambda: self._append(keys=keys, args=args))
+        # Writes are never shed by the breaker: a click refused while Redis is already back would be a 503 the
+        # client did not need, and the write's success is what closes the breaker (read-your-writes).
+        n, duplicate = await self._call("append", lambda: self._append(keys=keys, args=args), gated=False)
         return Appended(int(n), bool(duplicate))
 
     async def ping(self) -> bool:
