@@ -68,7 +68,7 @@ demo: $(VENV)/.installed
 	@echo "== demo 4/6: TDM reranker over dssm_demo -> artifacts/models/tdm_demo"
 	$(VENV)/bin/quiver-train fit --config configs/tdm_demo.yaml
 	@echo "== demo 5/6: HNSW index of $(DEMO_MODEL) -> artifacts/indexes/$(DEMO_MODEL)"
-	$(DEMO_ENV) $(VENV)/bin/quiver-index rebuild --model $(DEMO_MODEL) --index HNSW32,Flat --no-progress
+	$(DEMO_ENV) $(VENV)/bin/quiver-index rebuild --model $(DEMO_MODEL) --index auto --no-progress
 	@echo "== demo 6/6: quiver-serve on http://127.0.0.1:$(DEMO_PORT) (Ctrl-C stops it). Once /readyz answers, try:"
 	@$(PY) -c "$$DEMO_CURL" $(DEMO_PORT)
 	@echo "  curl -s http://127.0.0.1:$(DEMO_PORT)/readyz"

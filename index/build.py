@@ -1,10 +1,14 @@
-"""`quiver-index build`: model bundle -> item tower over the catalog -> FAISS index -> measured recall -> published.
+"""`quiver-index build`: model bundle -> item tower over the catalog -> FAISS or ScaNN index -> measured recall ->
+published.
 
-The index version is a hash of what determines the build (model version, factory string, requested search
-parameters, quality-check settings), computed before any work: building the same thing twice finds the published
-folder and only re-points CURRENT. Everything that can be refused (bundle, factory string, parameters, empty
+The index version is a hash of what determines the build (model version, layout or `auto` with its candidates,
+requested search parameters, quality-check settings), computed before any work: building the same thing twice finds
+the published folder and only re-points CURRENT. Everything that can be refused (bundle, layout, parameters, empty
 catalog) is checked before the first item is embedded, and nothing is published until the staged bundle has been
 reloaded and verified, so a failed build leaves the published index untouched.
+
+One FAISS layout is filled batch by batch as the item tower produces vectors. ScaNN builds from the whole catalog at
+once, and `auto` builds several layouts from the same vectors, so both keep the catalog's (N, D) vectors in memory.
 """
 
 import hashlib
@@ -17,6 +21,8 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from index.auto import EXACT_ENOUGH_S, choose, layouts
+from index.backend import as_searcher, build_searcher
 from index.bundle import (
     check_model,
     ids_array,
@@ -24,16 +30,14 @@ from index.bundle import (
     read_index_manifest,
     write_files,
 )
-from index.factory import IndexSpec, build_index, metric_for, metric_name, parse_spec, use_all_cores
+from index.factory import AUTO, IndexSpec, build_index, metric_for, metric_name, use_all_cores
 from index.options import DEFAULT_FACTORY, DEFAULT_K, BuildOptions, PublishOptions
 from index.publish import commit, current_version, intact, point_current
-from index.quality import ExactTopK, check_floor, measure, query_vectors
+from index.quality import ExactTopK, Quality, check_floor, measure, query_vectors
 from models.bundle import ModelBundle, load_bundle
 from models.errors import QuiverError
 from models.inputs import item_vectors
 from models.publish import staging
-
-TRAIN_POINTS_PER_LIST = 64  # IVF k-means sample: FAISS wants 39..256 points per centroid
 
 
 @dataclass
@@ -59,15 +63,21 @@ class BuildResult:
 
 
 def validate_search(spec: IndexSpec, search: dict[str, int] | None) -> dict[str, int]:
-    """Only the index's own knob may be given (nprobe for IVF, efSearch for HNSW), and it must be positive."""
+    """Only the index's own knobs may be given (nprobe for IVF, efSearch for HNSW, leaves_to_search and reorder for
+    ScaNN), and they must be positive."""
     out = {k: int(v) for k, v in (search or {}).items() if v is not None}
     for name, value in out.items():
-        if name != spec.search_param:
-            raise QuiverError(f"index {spec.factory!r}: has no search parameter {name} (it has {spec.search_param})")
+        if name not in spec.search_params:
+            has = ", ".join(spec.search_params) or "none"
+            raise QuiverError(f"index {spec.factory!r}: has no search parameter {name} (it has {has})")
         if value < 1:
             raise QuiverError(f"{name} must be at least 1, got {value}")
     if "nprobe" in out and out["nprobe"] > spec.params["nlist"]:
         raise QuiverError(f"nprobe {out['nprobe']} exceeds nlist {spec.params['nlist']} of {spec.factory!r}")
+    if "leaves_to_search" in out and out["leaves_to_search"] > spec.params["leaves"]:
+        raise QuiverError(
+            f"leaves_to_search {out['leaves_to_search']} exceeds the {spec.params['leaves']} leaves of {spec.factory!r}"
+        )
     return out
 
 
@@ -76,13 +86,21 @@ def index_version(build_key: dict[str, Any]) -> str:
 
 
 def build_key(
-    bundle: ModelBundle, spec: IndexSpec, search: dict[str, int], floor: float, k: int, queries: int, seed: int
+    bundle: ModelBundle,
+    specs: list[IndexSpec],
+    auto: bool,
+    search: dict[str, int],
+    floor: float,
+    k: int,
+    queries: int,
+    seed: int,
 ) -> dict[str, Any]:
-    """Everything that decides the built index; its hash is the index version."""
+    """Everything that decides the built index; its hash is the index version. `auto`: the candidates."""
     return {
         "model": {"name": bundle.name, "version": bundle.version},
-        "factory": spec.factory,
-        "params": spec.params,  # build parameters the factory string does not carry (HNSW efConstruction)
+        "factory": AUTO if auto else specs[0].factory,
+        # build parameters the factory string does not carry (HNSW efConstruction, ScaNN's AH settings)
+        "params": {s.factory: s.params for s in specs} if auto else specs[0].params,
         "search": search or "auto",
         "quality": {"floor": floor, "k": k, "queries": queries, "seed": seed},
     }
@@ -109,13 +127,8 @@ def training_sample(bundle: ModelBundle, spec: IndexSpec, batch: int, seed: int)
     are embedded twice, whatever the catalog's size."""
     if not spec.needs_training:
         return None
-    n = bundle.items.num_rows
-    if n < spec.min_items():
-        raise QuiverError(
-            f"index {spec.factory!r}: needs at least {spec.min_items()} items to train, the catalog has {n}"
-        )
-    size = min(n, max(TRAIN_POINTS_PER_LIST * spec.params["nlist"], 40 * (1 << spec.params.get("nbits", 0))))
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+    n = bundle.items.num_rows  # at least spec.min_items(): build() checked
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=spec.sample_size(n), replace=False))
     parts = [v for _, v in item_vectors(bundle, items=bundle.items.take(rows), batch=batch)]
     return np.concatenate(parts)
 
@@ -142,15 +155,25 @@ def build(
     if not isinstance(dim, int) or dim < 1:
         raise QuiverError(f"{manifest_path}: embedding_dim {dim!r} is not a positive integer")
     metric = metric_for(str(bundle.manifest.get("similarity")))
-    spec = parse_spec(options.factory or DEFAULT_FACTORY, dim, options.ef_construction)
-    search = validate_search(spec, options.search)
+    request = (options.factory or DEFAULT_FACTORY).strip()
+    explicit = layouts(request, None, dim, options.ef_construction)  # a layout is refused before the catalog is read
     floor = options.floor
     if not 0.0 <= floor <= 1.0:
         raise QuiverError(f"recall floor {floor} is not within [0, 1]")
     ids = catalog_ids(bundle)
+    specs, skipped = explicit or layouts(request, len(ids), dim, options.ef_construction)
+    auto = request.lower() == AUTO
+    if auto and options.search:
+        raise QuiverError("--index auto tunes each candidate's search parameters; name a layout to set them")
+    search = {} if auto else validate_search(specs[0], options.search)
+    if not auto and specs[0].min_items() > len(ids):
+        raise QuiverError(
+            f"index {specs[0].factory!r}: needs at least {specs[0].min_items()} items to train, "
+            f"the catalog has {len(ids)}"
+        )
     name = name or bundle.name
     parent = Path(out_root) / name
-    key = build_key(bundle, spec, search, floor, options.k, options.num_queries, options.seed)
+    key = build_key(bundle, specs, auto, search, floor, options.k, options.num_queries, options.seed)
     version = index_version(key)
     current = current_version(parent)
     if current is not None and current != version:
@@ -165,7 +188,9 @@ def build(
 
     started = time.perf_counter()
     threads_used = use_all_cores(run.threads)
-    sample = training_sample(bundle, spec, run.batch, options.seed)
+    spec = specs[0]
+    streamed = not auto and spec.backend == "faiss"
+    sample = training_sample(bundle, spec, run.batch, options.seed) if streamed else None
     queries = query_vectors(bundle, options.num_queries, options.seed)  # (Q, D)
     if queries.shape[1] != dim:
         raise QuiverError(f"{manifest_path}: user vectors have dimension {queries.shape[1]}, embedding_dim is {dim}")
@@ -184,8 +209,29 @@ def build(
             exact.add(labels, vectors)
             yield labels, vectors
 
-    index, on_gpu = build_index(spec, dim, metric, batches(), sample, gpu=options.gpu)
-    quality = measure(index, spec, queries, exact.result(), floor, search)
+    report: dict[str, Any] | None = None
+    quality: Quality
+    if streamed:
+        index, on_gpu = build_index(spec, dim, metric, batches(), sample, gpu=options.gpu)
+        quality = measure(as_searcher(index), spec, queries, exact.result(), floor, search)
+    else:
+        catalog = np.empty((len(ids), dim), dtype=np.float32)  # (N, D), row = label
+        for labels, vectors in batches():
+            catalog[labels[0] : labels[-1] + 1] = vectors
+        if auto:
+            winner, trials = choose(specs, catalog, metric, queries, exact.result(), floor, options.gpu, options.seed)
+            assert winner.index is not None
+            spec, index, on_gpu, quality = winner.spec, winner.index, winner.on_gpu, winner.quality
+            report = {
+                "candidates": [t.to_json(t is winner) for t in trials],
+                "skipped": skipped,
+                "rule": f"fastest at the floor; exact kept while a query costs <= {EXACT_ENOUGH_S * 1e6:g} µs",
+                "timing": "qps_single: one query per call, 1 thread, best of 3 interleaved rounds, same run",
+            }
+        else:
+            index, on_gpu = build_searcher(spec, catalog, metric, gpu=options.gpu, seed=options.seed)
+            quality = measure(index, spec, queries, exact.result(), floor, search)
+        del catalog
     check_floor(quality, floor, run.allow_low_recall, spec.factory)
     manifest = {
         "name": name,
@@ -200,15 +246,25 @@ def build(
         "quality": {**quality.to_json(), "floor": floor, "measured_on": version},
         "build": {
             "key": key,
+            "request": request,  # what --index said: `rebuild` asks for it again (auto re-chooses)
             "device": "gpu" if on_gpu else "cpu",
             "threads": threads_used,
-            "train_sample": 0 if sample is None else int(sample.shape[0]),
+            "train_sample": _train_sample(spec, len(ids)),
             "seconds": round(time.perf_counter() - started, 3),
         },
     }
+    if report is not None:
+        manifest["auto"] = report
     with staging(parent) as tmp:
         written = write_files(tmp, index, ids, manifest)
         check_model(written, bundle.manifest, tmp)
         load_index(tmp, model_manifest=bundle.manifest)  # reload what will be served before publishing it
         final = commit(tmp, version, publish)
     return BuildResult(final, version, "built", written)
+
+
+def _train_sample(spec: IndexSpec, n: int) -> int:
+    """Catalog items the layout's training saw (IVF / PQ codebooks, ScaNN's tree)."""
+    if spec.backend == "scann":
+        return min(n, int(spec.params["training_sample"]))
+    return spec.sample_size(n)

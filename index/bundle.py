@@ -1,15 +1,17 @@
-"""Index bundles (DESIGN §6): one FAISS index, its row -> item id table, and a manifest tying it to a model version.
+"""Index bundles (DESIGN §6): one index (FAISS or ScaNN), its row -> item id table, and a manifest tying it to a
+model version.
 
     artifacts/indexes/<name>/<version>/
-        manifest.json   model bundle name + version, index factory/type/params/search params, metric, dim,
+        manifest.json   model bundle name + version, index backend/factory/type/params/search params, metric, dim,
                         item count, recall measured at build, sha256 of every file, version
         index.faiss     a CPU FAISS index (loads without a GPU); its int64 labels are rows of ids.npy
+        scann/          or a ScaNN searcher (index/scann_backend.py): protobuf + .npy files, datapoint i = row i
         ids.npy         row -> item id, fixed-width unicode (np.load(allow_pickle=False) never runs code)
     artifacts/indexes/<name>/CURRENT   one line: the version the service loads
 
-Loading verifies checksums before FAISS parses a byte, so a truncated or modified file is refused with a message
-naming it rather than crashing the reader; a bundle built for another model version is refused too, because item
-vectors from one model are meaningless to another model's user tower.
+Loading verifies checksums before FAISS or ScaNN parses a byte, so a truncated or modified file is refused with a
+message naming it rather than crashing the reader; a bundle built for another model version is refused too, because
+item vectors from one model are meaningless to another model's user tower.
 """
 
 import json
@@ -21,14 +23,15 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.factory import metric_for, metric_name, set_search_params
+from index.backend import FAISS_FILE, Searcher, as_searcher, files_of, open_index
+from index.factory import metric_for, metric_name
 from models.bundle import load_manifest_json, resolve_version, sha256_file, verify_files
 from models.errors import QuiverError
 from models.publish import MANIFEST
 
 FORMAT = 1
 KIND = "quiver-index"
-INDEX_FILE = "index.faiss"
+INDEX_FILE = FAISS_FILE
 IDS_FILE = "ids.npy"
 CURRENT = "CURRENT"
 
@@ -43,7 +46,7 @@ def ids_array(ids: list[str] | np.ndarray) -> np.ndarray:
 class IndexBundle:
     path: Path
     manifest: dict[str, Any]
-    index: faiss.Index  # CPU, search params of the manifest applied
+    index: faiss.Index | Searcher  # a CPU FAISS index or ScaNN's searcher, search params of the manifest applied
     ids: np.ndarray  # (N,) <U: label -> item id
     _rows: dict[str, int] | None = field(default=None, repr=False)
 
@@ -71,6 +74,11 @@ class IndexBundle:
     def metric(self) -> str:
         return str(self.manifest["metric"])
 
+    @property
+    def searcher(self) -> Searcher:
+        """The index behind index/backend.py's one search interface."""
+        return as_searcher(self.index)
+
     def row_of(self) -> dict[str, int]:
         """item id -> label, built once on first use (exclusion lists and upserts need it)."""
         if self._rows is None:
@@ -78,17 +86,21 @@ class IndexBundle:
         return self._rows
 
 
-def write_files(folder: Path, index: faiss.Index, ids: np.ndarray, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write index.faiss, ids.npy and manifest.json (with checksums) into `folder`; returns the manifest."""
+def write_files(
+    folder: Path, index: faiss.Index | Searcher, ids: np.ndarray, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the index's files, ids.npy and manifest.json (with checksums) into `folder`; returns the manifest."""
     if ids.dtype.kind != "U":
         raise QuiverError(f"{folder / IDS_FILE}: ids must be a fixed-width unicode array, got {ids.dtype}")
-    faiss.write_index(index, str(folder / INDEX_FILE))
+    searcher = as_searcher(index)
+    written = searcher.save(folder)
     np.save(folder / IDS_FILE, ids, allow_pickle=False)
     out = {
         **manifest,
+        "index": {**manifest["index"], "backend": searcher.backend},
         "format": FORMAT,
         "kind": KIND,
-        "files": {rel: sha256_file(folder / rel) for rel in (INDEX_FILE, IDS_FILE)},
+        "files": {rel: sha256_file(folder / rel) for rel in (*written, IDS_FILE)},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (folder / MANIFEST).write_text(json.dumps(out, indent=2, sort_keys=True))
@@ -111,7 +123,12 @@ def read_index_manifest(path: Path) -> dict[str, Any]:
 
 
 def verify_index_files(path: Path, manifest: dict[str, Any]) -> None:
-    verify_files(path, manifest, "index bundle", required=(INDEX_FILE, IDS_FILE))
+    backend = manifest["index"].get("backend", "faiss") if isinstance(manifest["index"], dict) else None
+    try:
+        required = files_of(str(backend))
+    except QuiverError as err:
+        raise QuiverError(f"{path / MANIFEST}: {err}") from None
+    verify_files(path, manifest, "index bundle", required=(*required, IDS_FILE))
 
 
 def check_model(manifest: dict[str, Any], model_manifest: dict[str, Any], where: Path) -> None:
@@ -147,22 +164,23 @@ def load_index(
             f"{p / MANIFEST}: built for model version {manifest['model']['version']}, "
             f"the loaded model is version {model_version}"
         )
-    try:
-        index = faiss.read_index(str(p / INDEX_FILE))
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
-        raise QuiverError(f"{p / INDEX_FILE}: not a readable FAISS index ({first})") from None
+    index = open_index(p, manifest)
     try:
         ids = np.load(p / IDS_FILE, allow_pickle=False)
     except (ValueError, OSError) as err:
         raise QuiverError(f"{p / IDS_FILE}: not a readable id array ({err})".replace("\n", " ")) from None
     if ids.ndim != 1 or ids.dtype.kind != "U":
         raise QuiverError(f"{p / IDS_FILE}: expected a 1-d unicode array, got {ids.dtype} {ids.shape}")
-    if index.d != int(manifest["dim"]):
-        raise QuiverError(f"{p / INDEX_FILE}: dimension {index.d} != manifest dim {manifest['dim']}")
-    if index.ntotal != len(ids) or index.ntotal != int(manifest["num_items"]):
+    searcher = as_searcher(index)
+    where = p / files_of(str(manifest["index"].get("backend", "faiss")))[0]
+    if searcher.d != int(manifest["dim"]):
+        raise QuiverError(f"{where}: dimension {searcher.d} != manifest dim {manifest['dim']}")
+    if searcher.ntotal != len(ids) or searcher.ntotal != int(manifest["num_items"]):
         raise QuiverError(
-            f"{p / INDEX_FILE}: holds {index.ntotal} vectors, ids.npy {len(ids)}, manifest {manifest['num_items']}"
+            f"{where}: holds {searcher.ntotal} vectors, ids.npy {len(ids)}, manifest {manifest['num_items']}"
         )
-    set_search_params(index, manifest["index"].get("search") or {})
+    metric = metric_name(searcher.metric_type)
+    if metric != manifest["metric"]:
+        raise QuiverError(f"{where}: a {metric} index, the manifest says {manifest['metric']}")
+    searcher.configure(manifest["index"].get("search") or {})
     return IndexBundle(p, manifest, index, ids)

@@ -1,4 +1,4 @@
-"""`quiver-index`: build | list | verify | search | add | rebuild FAISS index bundles (DESIGN §6).
+"""`quiver-index`: build | list | verify | search | add | rebuild FAISS and ScaNN index bundles (DESIGN §6).
 
 Exit codes (what a scheduler acts on):
     0  done: built and published, or already up to date (stdout's JSON says which: "status")
@@ -45,6 +45,10 @@ def _search_params(args: argparse.Namespace) -> dict[str, int]:
         out["nprobe"] = args.nprobe
     if getattr(args, "ef_search", None) is not None:
         out["efSearch"] = args.ef_search
+    if getattr(args, "leaves_to_search", None) is not None:
+        out["leaves_to_search"] = args.leaves_to_search
+    if getattr(args, "reorder", None) is not None:
+        out["reorder"] = args.reorder
     return out
 
 
@@ -197,7 +201,7 @@ def parser() -> argparse.ArgumentParser:
     root = artifacts()
     p = argparse.ArgumentParser(
         prog="quiver-index",
-        description="Build, publish and inspect FAISS index bundles.",
+        description="Build, publish and inspect FAISS and ScaNN index bundles.",
         epilog="exit codes: 0 done or up to date, 1 unexpected failure (retry), 2 bad input (fix it)",
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -208,16 +212,23 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--allow-low-recall", action="store_true", help="publish even below the recall floor")
         s.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default: tuned)")
         s.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: tuned)")
+        s.add_argument("--leaves-to-search", type=int, default=None, help="ScaNN leaves searched (default: tuned)")
+        s.add_argument("--reorder", type=int, default=None, help="ScaNN candidates re-scored exactly (default: tuned)")
         s.add_argument(
             "--ef-construction", type=int, default=None, help="HNSW build breadth (default: 200; rebuild: the current)"
         )
         s.add_argument("--keep", type=int, default=3, help="published versions kept (default %(default)s)")
-        s.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
+        s.add_argument("--threads", type=int, default=None, help="FAISS and ScaNN threads (default: all cores)")
         s.add_argument("--no-progress", action="store_true")
 
     b = sub.add_parser("build", help="build, verify and publish an index for a model bundle")
     b.add_argument("--model", required=True, help="artifacts/models/NAME (its LATEST) or NAME/VERSION")
-    b.add_argument("--index", default="HNSW32,Flat", help="Flat | HNSW{M},Flat | IVF{n},Flat | IVF{n},PQ{m}")
+    b.add_argument(
+        "--index",
+        default="HNSW32,Flat",
+        help="auto | scann | Flat | HNSW{M},Flat | IVF{n},Flat | IVF{n},SQ8 | IVF{n},PQ{m} | ScaNN{leaves}[,AH{d}] "
+        "(default %(default)s; auto: the fastest candidate at the recall floor)",
+    )
     b.add_argument("--name", default=None, help="index name (default: the model's name)")
     b.add_argument("--queries", type=int, default=1000, help="users sampled to measure recall")
     b.add_argument("--batch", type=int, default=8192, help="items per item-tower batch")
@@ -227,7 +238,9 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rebuild", help="index the newest bundle of each model unless already up to date")
     r.add_argument("--models", default=str(root / "models"), help="models root (default %(default)s)")
     r.add_argument("--model", default=None, help="only this model (a name under --models, or a path)")
-    r.add_argument("--index", default=None, help="factory string (default: the current index's, else HNSW32,Flat)")
+    r.add_argument(
+        "--index", default=None, help="layout, auto or scann (default: what the current index asked for, else auto)"
+    )
     build_opts(r)
     r.set_defaults(func=cmd_rebuild)
 

@@ -1,13 +1,16 @@
-"""FAISS factory strings Quiver supports, their validation, and building an index from streamed item vectors.
+"""Index layouts Quiver supports (FAISS factory strings and ScaNN trees), their validation, and building a FAISS index
+from streamed item vectors (ScaNN's build is index/scann_backend.py's).
 
-Only a closed set of layouts is accepted (`Flat`, `IVF{nlist},Flat`, `HNSW{M}[,Flat]`, `IVF{nlist},PQ{m}[x{bits}]`),
-because every layout must support what the rest of the stage relies on: int64 labels that are rows of `ids.npy`
-(so an upsert can replace one item in place), a search-time knob the quality check can sweep, and a CPU copy that
-loads without a GPU. Anything else is refused with one line before a single item is embedded.
+Only a closed set of layouts is accepted (`Flat`, `IVF{nlist},Flat`, `IVF{nlist},SQ8`, `HNSW{M}[,Flat]`,
+`IVF{nlist},PQ{m}[x{bits}]`, `ScaNN{leaves}[,AH{dims per block}]`), because every layout must support what the rest
+of the stage relies on: int64 labels that are rows of `ids.npy` (so an upsert can replace one item in place), search
+knobs the quality check can sweep, and a CPU copy that loads without a GPU. Anything else is refused with one line
+before a single item is embedded.
 
 Labels: every index stores, for each vector, its row in `ids.npy`. Flat and HNSW get them from an `IndexIDMap2`
 wrapper (HNSW cannot remove vectors, so an HNSW upsert rebuilds its graph from the stored vectors); IVF layouts
-store labels natively and support `remove_ids`.
+store labels natively and support `remove_ids`; ScaNN numbers its datapoints in the order it was given them, which
+is row order.
 """
 
 import os
@@ -21,56 +24,93 @@ import numpy as np
 
 from models.errors import QuiverError
 
-Kind = Literal["flat", "hnsw", "ivf_flat", "ivf_pq"]
+Kind = Literal["flat", "hnsw", "ivf_flat", "ivf_sq", "ivf_pq", "scann"]
+Backend = Literal["faiss", "scann"]
 
 _PATTERNS: list[tuple[Kind, re.Pattern[str]]] = [
     ("flat", re.compile(r"Flat")),
     ("hnsw", re.compile(r"HNSW(?P<M>\d+)(,Flat)?")),
     ("ivf_flat", re.compile(r"IVF(?P<nlist>\d+),Flat")),
+    ("ivf_sq", re.compile(r"IVF(?P<nlist>\d+),SQ8")),
     ("ivf_pq", re.compile(r"IVF(?P<nlist>\d+),PQ(?P<m>\d+)(x(?P<nbits>\d+))?")),
+    ("scann", re.compile(r"ScaNN(?P<leaves>\d+)(,AH(?P<dims_per_block>\d+))?")),
 ]
-SUPPORTED = "Flat, HNSW{M}[,Flat], IVF{nlist},Flat, IVF{nlist},PQ{m}[x{bits}]"
+SUPPORTED = "Flat, HNSW{M}[,Flat], IVF{nlist},Flat, IVF{nlist},SQ8, IVF{nlist},PQ{m}[x{bits}], ScaNN{leaves}[,AH{d}]"
+AUTO = "auto"  # not a layout: build every candidate that suits the catalog and publish the fastest (index/auto.py)
+SCANN = "scann"  # not a layout either: a ScaNN tree sized for the catalog (scann_spec)
 # Candidates an HNSW insertion explores. FAISS defaults to 40; on clustered item vectors (a trained tower's) 200 gives
 # a graph that reaches the same recall@100 with far fewer visits: measured on the serve benchmark's 300k DSSM vectors,
 # efSearch 128 reaches 0.855 at 200 vs 0.759 at 40, and is faster per query (0.075 vs 0.113 ms), for 3x the build.
 HNSW_EF_CONSTRUCTION = 200
 METRICS = {"inner_product": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+# ScaNN's asymmetric hashing: 2 dimensions per 4-bit code (16 centres) scores a point from 32 nibbles at 64 dims, and
+# the anisotropic loss spends the quantisation error where it hurts inner products least. On bench/index.py's 1M
+# clustered vectors, 4 dimensions per block (LUT16, or LUT256 codes) needed far more re-scoring for recall@100 0.95 and
+# answered slower; thresholds 0.2 to 0.5 came out alike, none at all needed ~40% more leaves and twice the re-scoring.
+SCANN_DIMS_PER_BLOCK = 2
+SCANN_ANISOTROPIC = 0.2
+# Points the tree's k-means trains on, at most. On bench/index.py's 1M clustered vectors (2,000 leaves) training on all
+# of them rather than 250k took 30 s instead of 15 and reached recall@100 0.955 at 80 leaves searched instead of 120,
+# a third faster per query; beyond 1M items the sample stops growing.
+SCANN_TRAINING_SAMPLE = 1_000_000
+
+
+def ladder(top: int) -> list[int]:
+    """1, 2, 3, 4, 6, 8, 12, ... (powers of two and their halfway points, ~1.4x apart) below `top`, then `top`."""
+    values = {m << i for i in range(max(1, top.bit_length())) for m in (2, 3)} | {1}
+    return [*sorted(v for v in values if v < top), top]
 
 
 @dataclass(frozen=True)
 class IndexSpec:
-    """A validated factory string plus the search-time parameter that trades recall for speed."""
+    """A validated layout plus the search-time parameters that trade recall for speed."""
 
-    factory: str  # canonical form, e.g. "HNSW32,Flat"
+    factory: str  # canonical form, e.g. "HNSW32,Flat", "ScaNN2000,AH2"
     kind: Kind
-    params: dict[str, int] = field(default_factory=dict)  # M, efConstruction | nlist (+ m, nbits)
+    # M, efConstruction | nlist (+ m, nbits) | leaves, dims_per_block, anisotropic_threshold, training_sample
+    params: dict[str, int | float] = field(default_factory=dict)
+
+    @property
+    def backend(self) -> Backend:
+        return "scann" if self.kind == "scann" else "faiss"
 
     @property
     def needs_training(self) -> bool:
-        return self.kind in ("ivf_flat", "ivf_pq")
+        """A FAISS layout whose coarse quantizer / codebooks train on a sample before any vector is added."""
+        return self.kind in ("ivf_flat", "ivf_sq", "ivf_pq")
 
     @property
-    def search_param(self) -> str | None:
-        """FAISS ParameterSpace name of the recall/speed knob: nprobe (IVF), efSearch (HNSW), none (Flat)."""
-        return {"hnsw": "efSearch", "ivf_flat": "nprobe", "ivf_pq": "nprobe"}.get(self.kind)
+    def search_params(self) -> tuple[str, ...]:
+        """Names of the recall/speed knobs: nprobe (IVF), efSearch (HNSW), leaves_to_search and reorder (ScaNN)."""
+        if self.kind == "scann":
+            return ("leaves_to_search", "reorder")
+        if self.kind == "hnsw":
+            return ("efSearch",)
+        return ("nprobe",) if self.needs_training else ()
 
     def min_items(self) -> int:
-        """Training points IVF k-means (nlist) and PQ codebooks (2^bits) need at the very least."""
-        if self.kind == "ivf_flat":
-            return self.params["nlist"]
+        """Training points k-means (nlist, leaves) and PQ codebooks (2^bits) need at the very least."""
+        if self.kind in ("ivf_flat", "ivf_sq"):
+            return int(self.params["nlist"])
         if self.kind == "ivf_pq":
-            return max(self.params["nlist"], 1 << self.params["nbits"])
+            return max(int(self.params["nlist"]), 1 << int(self.params["nbits"]))
+        if self.kind == "scann":
+            return max(int(self.params["leaves"]), 16)  # 16: the centres of each AH block's codebook
         return 1
 
+    def sample_size(self, n: int) -> int:
+        """Catalog items a FAISS layout trains on: 64 per IVF list (k-means wants 39..256), enough for the PQ
+        codebooks, never more than the catalog."""
+        if not self.needs_training:
+            return 0
+        return min(n, max(64 * int(self.params["nlist"]), 40 * (1 << int(self.params.get("nbits", 0)))))
+
     def sweep(self, k: int) -> list[int]:
-        """Candidate values of the search knob, increasing (cheapest first)."""
+        """Candidate values of a FAISS layout's one search knob, increasing (cheapest first, ~1.4x apart)."""
         if self.kind == "hnsw":
-            values = [16, 32, 64, 128, 256, 512, 1024, 2048]
-            return sorted({max(v, k) for v in values})
+            return sorted({max(v, k) for v in ladder(2048) if v >= 16})  # efSearch below k is pointless
         if self.needs_training:
-            nlist = self.params["nlist"]
-            values = [1 << i for i in range(nlist.bit_length()) if (1 << i) < nlist]
-            return [*values, nlist]
+            return ladder(int(self.params["nlist"]))  # ends exhaustive
         return []
 
 
@@ -92,8 +132,10 @@ def parse_spec(factory: str, dim: int | None = None, ef_construction: int | None
                 raise QuiverError(f"efConstruction must be at least 1, got {params['efConstruction']}")
         elif ef_construction is not None:
             raise QuiverError(f"index {factory!r}: efConstruction is an HNSW build parameter, this layout has none")
-        if kind in ("ivf_flat", "ivf_pq") and params["nlist"] < 1:
+        if kind in ("ivf_flat", "ivf_sq", "ivf_pq") and params["nlist"] < 1:
             raise QuiverError(f"index {factory!r}: IVF nlist must be at least 1")
+        if kind == "scann":
+            return _scann(factory, params, dim)
         if kind == "ivf_pq":
             params.setdefault("nbits", 8)
             text = f"IVF{params['nlist']},PQ{params['m']}x{params['nbits']}"
@@ -101,8 +143,39 @@ def parse_spec(factory: str, dim: int | None = None, ef_construction: int | None
                 raise QuiverError(f"index {factory!r}: PQ needs m >= 1 and 1 <= bits <= 16")
             if dim is not None and dim % params["m"] != 0:
                 raise QuiverError(f"index {factory!r}: PQ{params['m']} does not divide the embedding dimension {dim}")
-        return IndexSpec(text, kind, params)
-    raise QuiverError(f"index {factory!r}: unknown factory string (supported: {SUPPORTED})")
+        return IndexSpec(text, kind, dict(params))
+    raise QuiverError(f"index {factory!r}: unknown factory string (supported: {SUPPORTED}, auto, scann)")
+
+
+def _scann(factory: str, params: dict[str, int], dim: int | None) -> IndexSpec:
+    """A ScaNN tree: refused where the `scann` package is missing (it ships for Linux x86-64 only)."""
+    from index.scann_backend import available
+
+    if not available():
+        raise QuiverError(f"index {factory!r}: ScaNN is not installed here (pip install scann, Linux x86-64 only)")
+    leaves, per_block = params["leaves"], params.get("dims_per_block", SCANN_DIMS_PER_BLOCK)
+    if leaves < 1:
+        raise QuiverError(f"index {factory!r}: ScaNN needs at least 1 leaf")
+    if per_block < 1 or (dim is not None and dim % per_block != 0):
+        raise QuiverError(f"index {factory!r}: AH{per_block} does not divide the embedding dimension {dim}")
+    out: dict[str, int | float] = {
+        "leaves": leaves,
+        "dims_per_block": per_block,
+        "anisotropic_threshold": SCANN_ANISOTROPIC,
+        "training_sample": SCANN_TRAINING_SAMPLE,
+    }
+    return IndexSpec(f"ScaNN{leaves},AH{per_block}", "scann", out)
+
+
+def scann_leaves(n: int) -> int:
+    """Tree leaves for n items: 2 sqrt(n) (2,000 at 1M, ~500 points a leaf), at least ~100 points a leaf on small
+    catalogs so that every leaf's k-means centre and codebook see enough points."""
+    return max(1, min(round(2 * n**0.5), n // 100))
+
+
+def scann_spec(n: int, dim: int | None = None) -> IndexSpec:
+    """`--index scann`: the ScaNN tree sized for a catalog of n items."""
+    return parse_spec(f"ScaNN{scann_leaves(n)},AH{SCANN_DIMS_PER_BLOCK}", dim)
 
 
 def unwrapped(index: faiss.Index) -> faiss.Index:
@@ -130,7 +203,8 @@ def metric_name(metric: int) -> str:
 
 
 def use_all_cores(threads: int | None = None) -> int:
-    """FAISS's OpenMP pool on the CPU: every core this process may run on unless told otherwise."""
+    """FAISS's OpenMP pool on the CPU (which ScaNN's searches follow too, index/scann_backend.py): every core this
+    process may run on unless told otherwise."""
     n = threads if threads and threads > 0 else len(os.sched_getaffinity(0))
     faiss.omp_set_num_threads(n)
     return n
@@ -145,8 +219,8 @@ def empty_index(spec: IndexSpec, dim: int, metric: int) -> faiss.Index:
     if spec.kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlat(dim, metric))
     if spec.kind == "hnsw":
-        hnsw = faiss.IndexHNSWFlat(dim, spec.params["M"], metric)
-        hnsw.hnsw.efConstruction = spec.params["efConstruction"]
+        hnsw = faiss.IndexHNSWFlat(dim, int(spec.params["M"]), metric)
+        hnsw.hnsw.efConstruction = int(spec.params["efConstruction"])
         return faiss.IndexIDMap2(hnsw)
     index = faiss.index_factory(dim, spec.factory, metric)
     ivf = faiss.downcast_index(index)

@@ -7,7 +7,8 @@ What a full build makes (`BuildOptions`, hashed into the index version) is kept 
 
 from dataclasses import dataclass, field
 
-DEFAULT_FACTORY = "HNSW32,Flat"
+DEFAULT_FACTORY = "HNSW32,Flat"  # `build`'s
+DEFAULT_REBUILD = "auto"  # `rebuild`'s, when no index is published yet (index/auto.py)
 DEFAULT_FLOOR = 0.95
 DEFAULT_K = 100
 DEFAULT_KEEP = 3
@@ -19,7 +20,7 @@ class RunOptions:
 
     allow_low_recall: bool = False  # publish even below the recall floor
     batch: int = 8192  # items per item-tower batch
-    threads: int | None = None  # FAISS threads (None: all cores)
+    threads: int | None = None  # FAISS and ScaNN threads (None: all cores)
     progress: bool = False
 
 
@@ -27,8 +28,9 @@ class RunOptions:
 class BuildOptions:
     """A full build: everything but `run` and `gpu` decides the index, so it goes into the version hash."""
 
-    factory: str | None = None  # None: DEFAULT_FACTORY (rebuild: the current index's)
-    search: dict[str, int] | None = None  # the index's own search knob (nprobe | efSearch); None: tuned to the floor
+    factory: str | None = None  # a layout, "auto" or "scann"; None: DEFAULT_FACTORY (rebuild: the current index's)
+    # the index's own search knobs (nprobe | efSearch | leaves_to_search, reorder); None: tuned to the floor
+    search: dict[str, int] | None = None
     ef_construction: int | None = None  # HNSW build breadth; None: the default (rebuild: the current index's)
     floor: float = DEFAULT_FLOOR  # minimum recall@k against exact search
     k: int = DEFAULT_K

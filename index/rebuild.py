@@ -5,8 +5,9 @@ For each model (one named with --model, else every model folder under the models
 built from that model version with the same factory string and search parameters (upserts on top of it included).
 Running it again changes nothing, so a scheduler may run it as often as it likes.
 
-The factory string comes from --index, else from the CURRENT index (a job keeps whatever a person chose), else the
-default. Exit codes are in `index.cli`.
+The layout comes from --index, else from what the CURRENT index was asked for (a job keeps whatever a person chose;
+an index `auto` chose is chosen again, among the candidates that suit the new catalog), else `auto`. Exit codes are
+in `index.cli`.
 """
 
 from dataclasses import dataclass, field, replace
@@ -15,8 +16,8 @@ from typing import Any
 
 from index.build import BuildResult, build
 from index.bundle import read_index_manifest, resolve_index
-from index.factory import IndexSpec, parse_spec
-from index.options import DEFAULT_FACTORY, BuildOptions, PublishOptions
+from index.factory import AUTO, SCANN, IndexSpec, parse_spec
+from index.options import DEFAULT_REBUILD, BuildOptions, PublishOptions
 from index.publish import intact
 from models.bundle import LATEST, load_bundle, read_manifest, resolve_bundle
 from models.errors import QuiverError
@@ -51,14 +52,22 @@ class RebuildReport:
     failed: list[tuple[Path, str]] = field(default_factory=list)  # (model folder, one-line reason)
 
 
-def _up_to_date(current: dict[str, Any] | None, model_version: str, spec: IndexSpec, wanted: dict[str, int]) -> bool:
-    return (
-        current is not None
-        and current["model"]["version"] == model_version
-        and current["index"]["factory"] == spec.factory
-        and current["index"].get("params") == spec.params
-        and (not wanted or wanted == current["index"].get("search"))
-    )
+def requested(current: dict[str, Any]) -> str:
+    """What --index the current index was built with (bundles from before `auto` recorded only the layout)."""
+    return str(current.get("build", {}).get("request") or current["index"]["factory"])
+
+
+def _up_to_date(
+    current: dict[str, Any] | None, model_version: str, request: str, spec: IndexSpec | None, wanted: dict[str, int]
+) -> bool:
+    """Built from this model version as asked: the same layout and parameters, or the same `auto` / `scann`
+    request (what it resolves to depends only on the catalog, which the model version fixes)."""
+    if current is None or current["model"]["version"] != model_version:
+        return False
+    searched = not wanted or wanted == current["index"].get("search")
+    if spec is None:
+        return requested(current).lower() == request.lower() and searched
+    return current["index"]["factory"] == spec.factory and current["index"].get("params") == spec.params and searched
 
 
 def rebuild(
@@ -85,21 +94,25 @@ def rebuild(
             parent = Path(out_root) / name
             current, ok = _current(parent)
             factory = options.factory
+            request = factory or (requested(current) if current else DEFAULT_REBUILD)
             ef = options.ef_construction
             if ef is None and current and not factory:  # the current index's build breadth, like its layout
                 ef = current["index"].get("params", {}).get("efConstruction")
-            spec = parse_spec(factory or (current["index"]["factory"] if current else DEFAULT_FACTORY), None, ef)
+            keyword = request.strip().lower() in (AUTO, SCANN)
+            spec = None if keyword else parse_spec(request, None, ef)
             wanted = {k: v for k, v in (options.search or {}).items() if v is not None}
             if not wanted and current and not factory:
-                requested = current.get("build", {}).get("key", {}).get("search")
-                wanted = requested if isinstance(requested, dict) else {}
-            if ok and current is not None and _up_to_date(current, str(manifest["version"]), spec, wanted):
+                asked = current.get("build", {}).get("key", {}).get("search")
+                wanted = asked if isinstance(asked, dict) else {}
+            if ok and current is not None and _up_to_date(current, str(manifest["version"]), request, spec, wanted):
                 report.results.append(BuildResult(resolve_index(parent), current["version"], "up_to_date", current))
                 continue
             bundle = load_bundle(path)
-            chosen = replace(
-                options, factory=spec.factory, ef_construction=spec.params.get("efConstruction"), search=wanted
-            )
+            if spec is not None:
+                request, ef = spec.factory, spec.params.get("efConstruction")
+            elif request.strip().lower() == SCANN:
+                ef = None
+            chosen = replace(options, factory=request, ef_construction=ef, search=wanted)
             report.results.append(build(bundle.path, out_root, chosen, publish, name=name, bundle=bundle))
         except QuiverError as err:
             report.failed.append((target, str(err)))

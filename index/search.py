@@ -1,9 +1,10 @@
 """Top-k search for single- and multi-interest users, with exclusion, used by evaluation and serving (DESIGN §7).
 
-All active interest vectors of a batch go to FAISS in one call; per user the hits of every interest are merged
-(an item found by several interests keeps its best score and the interest that gave it), excluded items are dropped,
-and FAISS's -1 padding never comes out. Exclusion must not shorten the answer, so the search over-fetches k plus the
-number of excluded items that are in the catalog, and doubles the fetch for users still short until the catalog is
+All active interest vectors of a batch go to the index in one call (index/backend.py's `Searcher`, FAISS or ScaNN);
+per user the hits of every interest are merged (an item found by several interests keeps its best score and the
+interest that gave it), excluded items are dropped, and the -1 padding never comes out. Exclusion must not shorten the
+answer, so the search over-fetches k plus the number of excluded items that are in the catalog, and doubles the fetch
+(widening the search: more HNSW candidates, IVF lists or ScaNN leaves) for users still short until the catalog is
 exhausted: exactly k items come back whenever the catalog holds k non-excluded items that the index can reach.
 """
 
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from index.backend import Searcher, as_searcher
 from index.bundle import IndexBundle
-from index.factory import unwrapped
 from models.errors import QuiverError
 
 
@@ -40,34 +41,6 @@ def _merge(
     _, first = np.unique(labels, return_index=True)  # first occurrence = best score of that label
     first = np.sort(first)[:k]
     return labels[first], scores[first], interests[first]
-
-
-class _Knob:
-    """Search parameters that widen an approximate search on retries: HNSW explores at least as many candidates as
-    it is asked for (efSearch >= width), IVF probes 4x more lists per retry, up to all of them (then it is exact)."""
-
-    def __init__(self, index: faiss.Index) -> None:
-        inner = unwrapped(index)
-        self.hnsw = inner.hnsw if isinstance(inner, faiss.IndexHNSW) else None
-        self.ivf = faiss.try_extract_index_ivf(index)
-
-    def nprobe(self, attempt: int) -> int:
-        assert self.ivf is not None
-        return int(min(self.ivf.nlist, self.ivf.nprobe * 4**attempt))
-
-    def can_widen(self, attempt: int) -> bool:
-        return self.ivf is not None and self.nprobe(attempt) < self.ivf.nlist
-
-    def params(self, width: int, attempt: int) -> faiss.SearchParameters | None:
-        if self.hnsw is not None:
-            p = faiss.SearchParametersHNSW()
-            p.efSearch = max(int(self.hnsw.efSearch), width)
-            return p
-        if self.ivf is not None and attempt > 0:
-            p = faiss.SearchParametersIVF()
-            p.nprobe = self.nprobe(attempt)
-            return p
-        return None
 
 
 def _take_single(
@@ -100,7 +73,7 @@ def _take_single(
 
 
 def search_vectors(
-    index: faiss.Index,
+    index: faiss.Index | Searcher,
     vectors: np.ndarray,
     mask: np.ndarray | None,
     k: int,
@@ -108,6 +81,7 @@ def search_vectors(
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Label-level search. vectors: (B, K, D) float32 (or (B, D) for K = 1); mask: (B, K) bool of active interests
     (None = all); exclude: per user, labels to leave out. Returns per user (labels, scores, interests), each (<= k,)."""
+    index = as_searcher(index)
     if vectors.ndim == 2:
         vectors = vectors[:, None, :]
     b, kk, d = vectors.shape
@@ -127,16 +101,15 @@ def search_vectors(
     ] * b
     pending = np.unique(owner)  # users still short of k (a user with no active interest gets nothing)
     fetch = {int(u): min(n, k + int(banned[u].size)) for u in range(b)}
-    knob = _Knob(index)
     attempt = 0
     single = bool(mask.sum(axis=1).max(initial=0) <= 1)  # one vector per user: rows need no merging
     while pending.size and n > 0:
         rows = np.nonzero(np.isin(owner, pending))[0]  # active vectors of the pending users
         width = max(fetch[int(u)] for u in pending)
-        scores, labels = index.search(queries[rows], width, params=knob.params(width, attempt))  # (q, width)
+        scores, labels = index.search(queries[rows], width, attempt)  # (q, width)
         if single:
             short = _take_single(labels, scores, owner[rows], banned, k, n, results)
-            short = [u for u in short if width < n or knob.can_widen(attempt)]
+            short = [u for u in short if width < n or index.can_widen(attempt)]
             for u in short:
                 fetch[u] = min(n, 2 * width)
             pending = np.asarray(short, dtype=np.int64)
@@ -154,7 +127,7 @@ def search_vectors(
                 larger,
             )
             results[u] = got
-            if got[0].size < k and (width < n or knob.can_widen(attempt)):
+            if got[0].size < k and (width < n or index.can_widen(attempt)):
                 short.append(u)
                 fetch[u] = min(n, 2 * width)
         pending = np.asarray(short, dtype=np.int64)

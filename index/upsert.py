@@ -3,8 +3,11 @@
 Every label is a row of ids.npy, and rows never move: a changed item keeps its row (its old vector is removed and
 the new one added under the same label), a new item gets the next row. Flat and IVF indexes remove and add in place;
 HNSW cannot remove a vector, so its graph is rebuilt from the vectors it already stores plus the new ones, still
-without running the item tower over the rest of the catalog. The result holds the same (label, vector) pairs a full
-rebuild over the updated catalog would, so an exact (Flat) index returns the same neighbours.
+without running the item tower over the rest of the catalog. ScaNN is rebuilt whole the same way, from the catalog
+vectors it keeps for re-scoring (dataset.npy) with the changed rows replaced and the new ones appended: its tree and
+codebooks train in seconds, and a rebuild keeps them fitted to the catalog. The result holds the same
+(label, vector) pairs a full rebuild over the updated catalog would, so an exact (Flat) index returns the same
+neighbours.
 
 The new version is a hash of the parent version and the delta, so applying the same file twice is a no-op.
 """
@@ -18,12 +21,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from index.backend import Searcher, as_searcher
 from index.build import BuildResult, catalog_ids, checked_ids
 from index.bundle import IndexBundle, check_model, ids_array, load_index, write_files
 from index.factory import Builder, IndexSpec, ef_construction_of, parse_spec, use_all_cores
 from index.options import PublishOptions, RunOptions
 from index.publish import commit, point_current
 from index.quality import ExactTopK, check_floor, measure, query_vectors
+from index.scann_backend import ScannSearcher
+from index.scann_backend import build as build_scann
 from models.bundle import ModelBundle, load_bundle
 from models.errors import QuiverError
 from models.inputs import item_vectors
@@ -52,8 +58,10 @@ def _conform(table: pa.Table, catalog: pa.Table, where: Path) -> pa.Table:
         raise QuiverError(f"{where}: columns do not match the catalog's types ({err})".replace("\n", " ")) from None
 
 
-def stored_vectors(index: faiss.Index, spec: IndexSpec) -> tuple[np.ndarray, np.ndarray] | None:
-    """(labels (N,), vectors (N, D)) held by an index that keeps raw vectors, None for PQ (lossy codes)."""
+def stored_vectors(index: faiss.Index | Searcher, spec: IndexSpec) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels (N,), vectors (N, D)) held by an index that keeps raw vectors, None for SQ / PQ (lossy codes)."""
+    if isinstance(index, ScannSearcher):
+        return np.arange(index.ntotal, dtype=np.int64), index.dataset()
     if spec.kind in ("flat", "hnsw"):
         labels = faiss.vector_to_array(index.id_map).astype(np.int64)
         inner = faiss.downcast_index(index.index)
@@ -75,13 +83,15 @@ def stored_vectors(index: faiss.Index, spec: IndexSpec) -> tuple[np.ndarray, np.
     return None
 
 
-def _unchanged(index: faiss.Index, spec: IndexSpec, labels: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """(n,) bool: which of these labels already hold (to float precision) these (n, D) vectors. PQ codes are lossy,
-    so there every re-sent item counts as changed."""
+def _unchanged(index: faiss.Index | Searcher, spec: IndexSpec, labels: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """(n,) bool: which of these labels already hold (to float precision) these (n, D) vectors. SQ / PQ codes are
+    lossy, so there every re-sent item counts as changed."""
     out = np.zeros(len(labels), dtype=bool)
     if len(labels) == 0:
         return out
-    if spec.kind in ("flat", "hnsw"):
+    if isinstance(index, ScannSearcher):
+        held = index.dataset()[labels]  # (n, D)
+    elif spec.kind in ("flat", "hnsw"):
         held = np.vstack([index.reconstruct(int(label)) for label in labels])  # (n, D)
     elif spec.kind == "ivf_flat":
         stored = stored_vectors(index, spec)
@@ -93,8 +103,20 @@ def _unchanged(index: faiss.Index, spec: IndexSpec, labels: np.ndarray, vectors:
     return np.all(np.isclose(held, vectors, rtol=1e-6, atol=1e-7), axis=1)
 
 
-def _apply(index: faiss.Index, spec: IndexSpec, metric: int, labels: np.ndarray, vectors: np.ndarray) -> faiss.Index:
-    """Replace (labels already present) or add (new labels) vectors; returns the updated index (HNSW: a new one)."""
+def _apply(
+    index: faiss.Index | Searcher, spec: IndexSpec, metric: int, labels: np.ndarray, vectors: np.ndarray
+) -> faiss.Index | Searcher:
+    """Replace (labels already present) or add (new labels, the rows after the last) vectors; returns the updated
+    index (HNSW and ScaNN: a new one)."""
+    if isinstance(index, ScannSearcher):
+        catalog = index.dataset()
+        n = len(catalog)
+        grown = np.empty((n + int((labels >= n).sum()), catalog.shape[1]), dtype=np.float32)  # (N', D)
+        grown[:n] = catalog
+        grown[labels] = vectors
+        rebuilt = build_scann(spec, grown, metric)
+        rebuilt.configure({"leaves_to_search": index.leaves_to_search, "reorder": index.reorder})
+        return rebuilt
     if spec.kind != "hnsw":
         index.remove_ids(labels)
         index.add_with_ids(vectors, labels)
@@ -143,9 +165,11 @@ def upsert(
     started = time.perf_counter()
     use_all_cores(run.threads)
     manifest = parent.manifest
-    # an HNSW graph is rebuilt with the breadth the published one was built with, read off the index itself
-    spec = parse_spec(manifest["index"]["factory"], parent.dim, ef_construction_of(parent.index))
-    metric = parent.index.metric_type
+    if manifest["index"].get("backend") == "scann":  # rebuilt with the published tree's settings, as recorded
+        spec = IndexSpec(manifest["index"]["factory"], "scann", dict(manifest["index"]["params"]))
+    else:  # an HNSW graph is rebuilt with the breadth the published one was built with, read off the index itself
+        spec = parse_spec(manifest["index"]["factory"], parent.dim, ef_construction_of(parent.index))
+    metric = parent.searcher.metric_type
     delta_ids = ids_array(delta.column("item_id").to_pylist())
     vectors = np.concatenate([v for _, v in item_vectors(bundle, items=delta, batch=run.batch, progress=run.progress)])
     if vectors.shape[1] != parent.dim:
@@ -185,10 +209,11 @@ def upsert(
         for s in range(0, len(held[0]), run.batch):
             exact.add(held[0][s : s + run.batch], held[1][s : s + run.batch])
         search = manifest["index"].get("search") or {}
-        quality = measure(index, spec, queries, exact.result(), float(quality_in.get("floor", 0.0)), search)
-        check_floor(quality, float(quality_in.get("floor", 0.0)), run.allow_low_recall, spec.factory)
+        floor = float(quality_in.get("floor", 0.0))
+        quality = measure(as_searcher(index), spec, queries, exact.result(), floor, search)
+        check_floor(quality, floor, run.allow_low_recall, spec.factory)
         quality_out = {**quality.to_json(), "floor": quality_in.get("floor"), "measured_on": version}
-    else:  # PQ codes cannot give back exact vectors: keep the parent's measurement, saying so
+    else:  # SQ / PQ codes cannot give back exact vectors: keep the parent's measurement, saying so
         quality_out = quality_in
     out = {
         **{k: v for k, v in manifest.items() if k not in ("files", "created_at", "format", "kind")},

@@ -245,7 +245,7 @@ def _changed(items: pa.Table, rows: list[int]) -> pa.Table:
     )
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF8,Flat"])
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF8,Flat", "scann"])
 def test_upsert_equals_a_full_rebuild(
     capsys: pytest.CaptureFixture, model: ModelBundle, tmp_path: Path, factory: str
 ) -> None:
@@ -286,7 +286,8 @@ def test_upsert_equals_a_full_rebuild(
             np.testing.assert_allclose([h.score for h in g], [h.score for h in w], rtol=1e-5, atol=1e-6)
             assert {h.item_id for h in g} == {h.item_id for h in w}
     # Every layout: the upserted index holds exactly the vectors a full rebuild holds, item for item.
-    spec = parse_spec(factory)
+    spec = parse_spec(built["index"])  # the layout `scann` resolved to
+    assert upserted.manifest["index"]["search"] == built["search"]  # an upsert is not a different index
     held = {}
     for bundle in (upserted, rebuilt):
         labels, vectors = stored_vectors(bundle.index, spec)

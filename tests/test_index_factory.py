@@ -1,8 +1,13 @@
-"""Factory strings: the closed set Quiver builds, their canonical form, and one-line refusals."""
+"""Layouts: the closed set Quiver builds (FAISS factory strings and ScaNN trees), their canonical form, and one-line
+refusals."""
+
+import tomllib
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
 
 from index.factory import build_index, ef_construction_of, empty_index, metric_for, parse_spec
 from models.errors import QuiverError
@@ -17,6 +22,19 @@ from models.errors import QuiverError
         ("IVF100,Flat", "IVF100,Flat", "ivf_flat", {"nlist": 100}),
         ("IVF64,PQ8", "IVF64,PQ8x8", "ivf_pq", {"nlist": 64, "m": 8, "nbits": 8}),
         ("IVF64,PQ8x4", "IVF64,PQ8x4", "ivf_pq", {"nlist": 64, "m": 8, "nbits": 4}),
+        ("IVF100,SQ8", "IVF100,SQ8", "ivf_sq", {"nlist": 100}),
+        (
+            "ScaNN200",
+            "ScaNN200,AH2",
+            "scann",
+            {"leaves": 200, "dims_per_block": 2, "anisotropic_threshold": 0.2, "training_sample": 1_000_000},
+        ),
+        (
+            "ScaNN50, AH4",
+            "ScaNN50,AH4",
+            "scann",
+            {"leaves": 50, "dims_per_block": 4, "anisotropic_threshold": 0.2, "training_sample": 1_000_000},
+        ),
     ],
 )
 def test_canonical_forms(text: str, factory: str, kind: str, params: dict[str, int]) -> None:
@@ -28,13 +46,16 @@ def test_canonical_forms(text: str, factory: str, kind: str, params: dict[str, i
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("IVF100,SQ8", "unknown factory string"),
+        ("IVF100,SQ4", "unknown factory string"),
+        ("scann2000", "unknown factory string"),
         ("OPQ16,IVF64,PQ16", "unknown factory string"),
         ("flat", "unknown factory string"),
         ("HNSW2", "M must be between 4 and 256"),
         ("IVF0,Flat", "nlist must be at least 1"),
         ("IVF64,PQ8x20", "1 <= bits <= 16"),
         ("IVF64,PQ7", "PQ7 does not divide the embedding dimension 32"),
+        ("ScaNN0", "at least 1 leaf"),
+        ("ScaNN100,AH3", "AH3 does not divide the embedding dimension 32"),
     ],
 )
 def test_refusals_are_one_line(text: str, message: str) -> None:
@@ -55,11 +76,15 @@ def test_hnsw_build_breadth_is_a_recorded_parameter() -> None:
 
 
 def test_knob_and_sweep() -> None:
-    assert parse_spec("Flat").search_param is None and parse_spec("Flat").sweep(100) == []
-    assert parse_spec("HNSW32").search_param == "efSearch"
-    assert parse_spec("HNSW32").sweep(100) == [100, 128, 256, 512, 1024, 2048]  # efSearch below k is pointless
-    assert parse_spec("IVF48,Flat").sweep(100) == [1, 2, 4, 8, 16, 32, 48]  # ends exhaustive
+    assert parse_spec("Flat").search_params == () and parse_spec("Flat").sweep(100) == []
+    assert parse_spec("HNSW32").search_params == ("efSearch",)
+    # efSearch below k is pointless; ~1.4x steps, so the cheapest value reaching the floor is not overshot by 2x
+    assert parse_spec("HNSW32").sweep(100) == [100, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert parse_spec("IVF48,Flat").sweep(100) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48]  # ends exhaustive
     assert parse_spec("IVF64,PQ8").min_items() == 256  # PQ codebooks need 2^bits points
+    scann = parse_spec("ScaNN300")
+    assert scann.backend == "scann" and scann.search_params == ("leaves_to_search", "reorder")
+    assert scann.min_items() == 300 and parse_spec("ScaNN4").min_items() == 16  # 16 centres per AH codebook
 
 
 def test_metrics() -> None:
@@ -83,3 +108,13 @@ def test_build_labels_are_rows_and_ivf_trains_on_the_sample() -> None:
         build_index(spec, 8, faiss.METRIC_INNER_PRODUCT, [], sample=x[:3], gpu=False)
     flat = empty_index(parse_spec("Flat"), 8, faiss.METRIC_INNER_PRODUCT)
     assert isinstance(flat, faiss.IndexIDMap2)
+
+
+def test_scann_is_a_dependency_on_linux_x86_64_only() -> None:
+    """pip installs ScaNN where it has wheels; elsewhere FAISS serves alone (index/auto.py skips ScaNN there)."""
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    (scann,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "scann"]
+    assert scann.marker is not None
+    assert scann.marker.evaluate({"sys_platform": "linux", "platform_machine": "x86_64"})
+    for platform, machine in [("linux", "aarch64"), ("darwin", "arm64"), ("darwin", "x86_64"), ("win32", "AMD64")]:
+        assert not scann.marker.evaluate({"sys_platform": platform, "platform_machine": machine})

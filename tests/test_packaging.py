@@ -25,6 +25,7 @@ RUNTIME_DEPENDENCIES = {
     "tqdm",
     "matplotlib",
     "faiss-cpu",
+    "scann",
     "fastapi",
     "uvicorn",
     "redis",
