@@ -16,6 +16,7 @@ counted (`quiver_reload_loop_errors_total`) and the loop goes on; the listener r
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -97,6 +98,29 @@ class RuntimeHolder:
             self.metrics.reloads.labels("refused").inc()
             self.refusal = Refusal(reason, time.time(), refused)
         return ReloadOutcome("refused", served, reason)
+
+
+async def announce(holder: RuntimeHolder, versions: Versions, timeout_s: float = 1.0) -> bool:
+    """Tell the other worker processes (QUIVER_WORKERS > 1) and replicas that an /admin/reload swapped this one.
+
+    /admin/reload reaches the one process that accepted the request; the others hear it on the index channel, the
+    message a publish sends, and load the same pointers (the announcing process hears it too and finds nothing new).
+    A Redis that is away only delays them until their poll: a warning, never a failed reload."""
+    url = holder.settings.redis_url
+    if not url:
+        return False
+    model, index, _ = versions
+    message = json.dumps({"name": holder.settings.index_name, "version": index, "model_version": model, "by": "admin"})
+    client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        await asyncio.wait_for(client.publish(channel(holder.settings.index_name), message), timeout_s)
+    except Exception as err:
+        log.warning("reloaded, but the announcement to other workers failed (%s: %s)", type(err).__name__, err)
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+    return True
 
 
 async def _supervised_round(holder: RuntimeHolder, task: str) -> None:

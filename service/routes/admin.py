@@ -4,6 +4,7 @@ from fastapi import APIRouter, Depends, Response
 
 from service.deps import ServicesDep, require_admin
 from service.errors import error_responses
+from service.reload import announce
 from service.schemas import ReloadResponse
 
 router = APIRouter(prefix="/admin", tags=["operations"], dependencies=[Depends(require_admin)])
@@ -23,6 +24,8 @@ async def reload(svc: ServicesDep, response: Response, force: bool = False) -> R
     model, index, ranker = outcome.versions or (None, None, None)
     if outcome.status == "refused":
         response.status_code = 409
+    elif outcome.status == "reloaded" and outcome.versions is not None:
+        await announce(svc.holder, outcome.versions)  # the other worker processes load the same triple
     return ReloadResponse.model_construct(
         status=outcome.status, model_version=model, index_version=index, ranker_version=ranker, reason=outcome.reason
     )
