@@ -10,7 +10,6 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from index.bundle import CURRENT, MANIFEST, read_index_manifest, verify_index_files
 from index.options import PublishOptions
@@ -54,6 +53,12 @@ def point_current(parent: Path, version: str, options: PublishOptions) -> bool:
     return True
 
 
+def announcement(name: str, version: str, model_version: str | None) -> str:
+    """The message on quiver:index:<name> that a new version is CURRENT, from a publish or a service's reload."""
+    message = {"name": name, "version": version} | ({"model_version": model_version} if model_version else {})
+    return json.dumps(message, sort_keys=True)
+
+
 def notify(redis_url: str | None, name: str, version: str, path: Path) -> bool:
     """Publish {"name", "version", "model_version"} on quiver:index:<name>. The bundle is already on disk and
     CURRENT names it, so a Redis outage only delays subscribers (they also read CURRENT on start): a warning, not
@@ -62,13 +67,13 @@ def notify(redis_url: str | None, name: str, version: str, path: Path) -> bool:
         return False
     import redis
 
-    message: dict[str, Any] = {"name": name, "version": version}
+    model_version = None
     with contextlib.suppress(OSError, ValueError, KeyError):
-        message["model_version"] = json.loads((path / MANIFEST).read_text())["model"]["version"]
+        model_version = str(json.loads((path / MANIFEST).read_text())["model"]["version"])
     try:
         client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         try:
-            client.publish(channel(name), json.dumps(message, sort_keys=True))
+            client.publish(channel(name), announcement(name, version, model_version))
         finally:
             client.close()
     except (redis.RedisError, ValueError) as err:

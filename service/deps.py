@@ -24,8 +24,7 @@ async def get_runtime(svc: ServicesDep) -> Runtime:
     """The triple this request is answered by, taken once: a swap mid-request does not change it."""
     rt = svc.holder.current
     if rt is None:
-        refusal = svc.holder.refusal
-        raise HTTPException(503, detail=f"no model loaded: {refusal.reason if refusal else 'still loading'}")
+        raise HTTPException(503, detail=f"no model loaded: {svc.holder.not_serving_reason}")
     return rt
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import HTTPException
-from redis.exceptions import RedisError
 
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
@@ -152,10 +151,6 @@ async def rank(svc: Services, rt: Runtime, req: RankRequest) -> RankResponse:
     return RankResponse.model_construct(**body, items=items)
 
 
-def _why(err: BaseException) -> str:
-    return err.reason if isinstance(err, StoreUnavailable) else type(err).__name__
-
-
 async def events(svc: Services, req: EventsRequest) -> EventsResponse:
     if svc.store is None:
         raise HTTPException(503, detail="events: no live user state store (set QUIVER_REDIS_URL)")
@@ -176,15 +171,15 @@ async def events(svc: Services, req: EventsRequest) -> EventsResponse:
             seed_times[-max_len:] if seed_times else None,
             event_id=req.event_id,
         )
-    except (StoreUnavailable, RedisError, OSError, TimeoutError) as err:
+    except StoreUnavailable as err:  # the store turns every Redis, socket and timeout error into this
         svc.metrics.errors.labels("events_redis").inc()
         # Refused by the open breaker, the clicks were not sent; after a timeout Redis may still have applied them,
         # and only an event_id makes the retry safe.
-        refused = isinstance(err, StoreUnavailable) and err.reason == "breaker_open"
+        refused = err.reason == "breaker_open"
         stored = "not stored" if refused else "not acknowledged, they may or may not be stored"
         retry = "retrying with the same event_id is safe" if req.event_id else "send an event_id to make retries safe"
         raise HTTPException(
-            503, detail=f"events: Redis unavailable ({_why(err)}), the clicks are {stored}; {retry}"
+            503, detail=f"events: Redis unavailable ({err.reason}), the clicks are {stored}; {retry}"
         ) from None
     unknown = rt.split_known(req.items)[1] if rt is not None else []
     return EventsResponse.model_construct(

@@ -16,7 +16,6 @@ counted (`quiver_reload_loop_errors_total`) and the loop goes on; the listener r
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,10 +23,11 @@ from typing import Literal
 
 import redis.asyncio as aioredis
 
-from index.publish import channel
+from index.publish import announcement, channel
 from models.errors import QuiverError
 from service.metrics import Metrics
 from service.runtime import Runtime, Target, find_target, load_runtime
+from service.schemas import Refusal
 from service.settings import Settings
 
 log = logging.getLogger("quiver.reload")
@@ -42,13 +42,6 @@ class ReloadOutcome:
     reason: str | None = None
 
 
-@dataclass(frozen=True)
-class Refusal:
-    reason: str
-    at: float  # Unix seconds
-    versions: Versions | None  # the refused triple; None when no triple could even be found
-
-
 def _describe(err: BaseException) -> str:
     text = str(err) if isinstance(err, QuiverError) else f"{type(err).__name__}: {err}"
     return text.replace("\n", " ")[:1000]
@@ -59,8 +52,13 @@ class RuntimeHolder:
         self.settings = settings
         self.metrics = metrics
         self.current: Runtime | None = None
-        self.refusal: Refusal | None = None  # the latest refusal, until a reload succeeds
+        self.refusal: Refusal | None = None  # the latest refusal, until a reload succeeds (as /readyz shows it)
         self._lock = asyncio.Lock()
+
+    @property
+    def not_serving_reason(self) -> str:
+        """Why no triple is served yet: the last refusal, or the first load still running."""
+        return self.refusal.reason if self.refusal is not None else "still loading"
 
     def _publish_metrics(self, rt: Runtime) -> None:
         loaded = [("retriever", rt.model.name, rt.model.version), ("index", rt.index.name, rt.index.version)]
@@ -96,7 +94,7 @@ class RuntimeHolder:
         if not again:  # a poll finding the same unpairable pointers every round is one refusal, not one per round
             log.error("reload refused, still serving %s: %s", served, reason)
             self.metrics.reloads.labels("refused").inc()
-            self.refusal = Refusal(reason, time.time(), refused)
+            self.refusal = Refusal(reason=reason, at=time.time(), versions=refused)
         return ReloadOutcome("refused", served, reason)
 
 
@@ -110,7 +108,7 @@ async def announce(holder: RuntimeHolder, versions: Versions, timeout_s: float =
     if not url:
         return False
     model, index, _ = versions
-    message = json.dumps({"name": holder.settings.index_name, "version": index, "model_version": model, "by": "admin"})
+    message = announcement(holder.settings.index_name, index, model)
     client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
         await asyncio.wait_for(client.publish(channel(holder.settings.index_name), message), timeout_s)

@@ -3,17 +3,9 @@
 from fastapi import APIRouter, Response
 
 from service.deps import ServicesDep
-from service.reload import Refusal
 from service.schemas import Health, Readiness
-from service.schemas import Refusal as RefusalBody
 
 router = APIRouter(tags=["operations"])
-
-
-def refusal_body(refusal: Refusal | None) -> RefusalBody | None:
-    if refusal is None:
-        return None
-    return RefusalBody.model_construct(reason=refusal.reason, at=refusal.at, versions=refusal.versions)
 
 
 @router.get("/healthz")
@@ -30,9 +22,9 @@ async def readyz(svc: ServicesDep, response: Response) -> Readiness:
     else:
         redis = "ok" if await svc.store.ping() else "degraded"
         breaker = svc.store.breaker.state
-    refusal = refusal_body(svc.holder.refusal)
+    refusal = svc.holder.refusal
     if rt is None:
-        reason = svc.holder.refusal.reason if svc.holder.refusal else "still loading"
+        reason = svc.holder.not_serving_reason
         response.status_code = 503
         return Readiness.model_construct(
             ready=False, redis=redis, redis_breaker=breaker, reason=reason, last_refusal=refusal

@@ -4,7 +4,6 @@ from fastapi import APIRouter
 
 from service.deps import RuntimeDep, ServicesDep
 from service.errors import error_responses
-from service.routes.health import refusal_body
 from service.schemas import BundleInfo, IndexInfo, Loaded, ModelInfo
 
 router = APIRouter(tags=["operations"])
@@ -35,5 +34,5 @@ async def models(svc: ServicesDep, rt: RuntimeDep) -> Loaded:
         ),
         ranker=ranker,
         loaded_at=rt.loaded_at,
-        last_refusal=refusal_body(svc.holder.refusal),
+        last_refusal=svc.holder.refusal,
     )
