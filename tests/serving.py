@@ -1,6 +1,9 @@
 """Helpers for the service tests: a published artifacts tree and a real uvicorn server in a thread."""
 
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -8,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 from index.build import build
@@ -20,6 +24,8 @@ from training.config import parse_config
 from training.tdm_config import parse_tdm_config
 from training.tdm_trainer import TDMTrainer
 from training.trainer import fit
+
+BIN = Path(sys.executable).parent
 
 
 @dataclass(frozen=True)
@@ -85,3 +91,45 @@ def running(cfg: Settings) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def quiver_serve(root: Path, redis_url: str, log: Path, ready: int = 1, **env: str) -> Iterator[str]:
+    """A real `quiver-serve` process (the console script compose runs) serving model `tiny` of `root`; yields its
+    base URL once /readyz answers 200 `ready` times in a row, each on a fresh connection (with several workers, many
+    fresh connections sample them all). stderr goes to `log` (a pipe nobody reads could fill and stall the server).
+    env: extra QUIVER_* variables."""
+    port = free_port()
+    variables = os.environ | {
+        "QUIVER_ARTIFACTS": str(root),
+        "QUIVER_MODEL": "tiny",
+        "QUIVER_RANKER": "tiny_tdm",
+        "QUIVER_REDIS_URL": redis_url,
+        "QUIVER_RELOAD_POLL_S": "0",
+        "QUIVER_TORCH_THREADS": "1",
+        "QUIVER_PORT": str(port),
+        "QUIVER_LOG_LEVEL": "warning",
+        "OMP_NUM_THREADS": "1",
+    }
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as err:
+        proc = subprocess.Popen([str(BIN / "quiver-serve")], env=variables | env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, f"quiver-serve exited: {log.read_text()[-2000:]}"
+                try:
+                    if all(httpx.get(f"{url}/readyz", timeout=5).status_code == 200 for _ in range(ready)):
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, f"quiver-serve never became ready: {log.read_text()[-2000:]}"
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

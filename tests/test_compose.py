@@ -19,7 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 QUIVER_IMAGES = ("api", "trainer", "index-builder")  # the services that run the project's own image
 JOBS = ("trainer", "index-builder")
+THIRD_PARTY = ("redis", "proxy", "prometheus", "grafana")
+LONG_RUNNING = ("redis", "api", "proxy", "prometheus", "grafana")
 ARTIFACTS_MOUNT = "/app/artifacts"
+NGINX_CONF = ROOT / "docker" / "nginx" / "quiver.conf"
+GRAFANA = ROOT / "docker" / "grafana"
 
 
 # ----------------------------------------------------------------------------------------------------------- parsing
@@ -84,6 +88,51 @@ def _container_port(mapping: str) -> int:
     return int(mapping.split("/")[0].rsplit(":", 1)[-1])
 
 
+def _host_port(mapping: str) -> int:
+    """'8000:8000' or '127.0.0.1:8001:8000/tcp' -> the port published on the host."""
+    return int(mapping.split("/")[0].split(":")[-2])
+
+
+def _bind_mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> repository path of each './...' bind mount (read-only or not)."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            out[target] = source
+    return out
+
+
+Directive = tuple[str, list[str], list["Directive"]]  # name, arguments, block (empty for a simple directive)
+
+
+def _nginx(text: str) -> list[Directive]:
+    """nginx's configuration as nested directives: comments dropped, quotes kept as written."""
+    tokens = re.findall(r'"[^"]*"|\'[^\']*\'|[{};]|[^\s{};]+', re.sub(r"#[^\n]*", "", text))
+    stack: list[list[Directive]] = [[]]
+    words: list[str] = []
+    for token in tokens:
+        if token == ";":
+            stack[-1].append((words[0], words[1:], []))
+            words = []
+        elif token == "{":
+            block: list[Directive] = []
+            stack[-1].append((words[0], words[1:], block))
+            stack.append(block)
+            words = []
+        elif token == "}":
+            assert not words, f"unterminated directive {words}"
+            stack.pop()
+        else:
+            words.append(token)
+    assert len(stack) == 1 and not words, "unbalanced braces in the nginx configuration"
+    return stack[0]
+
+
+def _find(directives: list[Directive], name: str) -> list[Directive]:
+    return [d for d in directives if d[0] == name]
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -126,7 +175,7 @@ def test_no_obsolete_version_key(compose: dict[str, Any]) -> None:
 
 
 def test_expected_services(services: dict[str, Any]) -> None:
-    assert set(services) == {"redis", "api", "prometheus", "trainer", "index-builder"}
+    assert set(services) == {"redis", "api", "proxy", "prometheus", "grafana", "trainer", "index-builder"}
 
 
 @pytest.mark.parametrize("name", QUIVER_IMAGES)
@@ -141,10 +190,12 @@ def test_quiver_services_build_the_dockerfile_into_one_image(services: dict[str,
 
 
 def test_third_party_images_are_pinned(services: dict[str, Any]) -> None:
-    for name in ("redis", "prometheus"):
+    for name in THIRD_PARTY:
         image = services[name]["image"]
         assert "build" not in services[name]
         assert ":" in image and not image.endswith(":latest"), f"{name}: pin a tag, not {image}"
+    for name in ("proxy", "prometheus", "grafana"):  # a full version: the configs here are written for it
+        assert re.search(r":v?\d+\.\d+\.\d+(-alpine)?$", services[name]["image"]), services[name]["image"]
 
 
 def test_redis(services: dict[str, Any]) -> None:
@@ -158,14 +209,29 @@ def test_redis(services: dict[str, Any]) -> None:
 def test_api_ports_and_healthcheck(services: dict[str, Any]) -> None:
     api = services["api"]
     env = api["environment"]
-    assert api["ports"] == ["8000:8000"]
-    port = _container_port(api["ports"][0])
-    assert int(env["QUIVER_PORT"]) == port
+    assert "ports" not in api  # replicas publish nothing: two of them could not both bind the host's :8000
+    port = int(env["QUIVER_PORT"])
+    assert [str(p) for p in api["expose"]] == [str(port)]
     assert env["QUIVER_HOST"] == "0.0.0.0"  # the default 127.0.0.1 is unreachable through the published port
     health = _healthcheck_text(api)
     assert health.startswith("CMD python -c")  # the slim image has no curl
     assert re.search(rf"http://127\.0\.0\.1:{port}/(readyz|healthz)\b", health), health
     assert api["healthcheck"].get("disable") is not True
+
+
+def test_api_runs_as_scalable_replicas(services: dict[str, Any]) -> None:
+    api = services["api"]
+    assert api["deploy"]["replicas"] == 2
+    assert "container_name" not in api  # a fixed name allows one container only: `--scale` would fail
+    assert "hostname" not in api
+
+
+def test_only_the_proxy_publishes_the_api_port(services: dict[str, Any]) -> None:
+    published = {name: [_host_port(str(p)) for p in s.get("ports", [])] for name, s in services.items()}
+    owners = [name for name, ports in published.items() if 8000 in ports]
+    assert owners == ["proxy"], owners
+    ports = [port for ports in published.values() for port in ports]
+    assert len(ports) == len(set(ports)), f"a host port published twice: {published}"
 
 
 def test_api_depends_on_a_healthy_redis(services: dict[str, Any]) -> None:
@@ -217,14 +283,18 @@ def test_prometheus(services: dict[str, Any]) -> None:
     assert (ROOT / "docker" / "prometheus.yml").is_file()
 
 
-def test_prometheus_scrapes_the_api(services: dict[str, Any]) -> None:
+def test_prometheus_scrapes_every_replica(services: dict[str, Any]) -> None:
     config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     job = jobs["quiver-api"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
-    targets = [target for group in job["static_configs"] for target in group["targets"]]
-    port = _container_port(services["api"]["ports"][0])
-    assert targets == [f"api:{port}"]  # the compose service name and the port the api listens on inside the network
+    # One target per replica from Docker's DNS (an A record each), not one fixed address: scraping `api:8000` or the
+    # proxy would read one replica at random each time.
+    assert "static_configs" not in job
+    [sd] = job["dns_sd_configs"]
+    assert sd["names"] == ["api"] and "api" in services
+    assert sd["type"] == "A"
+    assert sd["port"] == int(services["api"]["environment"]["QUIVER_PORT"])
 
 
 def test_jobs_profile_only_on_one_shot_jobs(services: dict[str, Any]) -> None:
@@ -232,9 +302,10 @@ def test_jobs_profile_only_on_one_shot_jobs(services: dict[str, Any]) -> None:
         assert services[name]["profiles"] == ["jobs"]
         assert services[name]["restart"] == "no"
         assert services[name]["healthcheck"] == {"disable": True}  # the image's check probes a server jobs lack
-    for name in ("redis", "api", "prometheus"):
+    for name in LONG_RUNNING:
         assert "profiles" not in services[name]
         assert services[name]["restart"] == "unless-stopped"
+        assert services[name]["healthcheck"].get("disable") is not True
 
 
 def _trainer_steps(services: dict[str, Any]) -> list[str]:
@@ -285,7 +356,7 @@ def test_artifacts_volume_declared_and_shared(compose: dict[str, Any], services:
     for name in QUIVER_IMAGES:
         assert f"artifacts:{ARTIFACTS_MOUNT}" in services[name]["volumes"]
         assert services[name]["environment"]["QUIVER_ARTIFACTS"] == ARTIFACTS_MOUNT
-    for name in ("redis", "prometheus"):
+    for name in THIRD_PARTY:
         assert not any(v.startswith("artifacts:") for v in services[name].get("volumes", []))
 
 
@@ -297,11 +368,117 @@ def test_named_volumes_are_declared(compose: dict[str, Any], services: dict[str,
                 assert source in compose["volumes"], f"{name}: volume {source} is not declared"
 
 
+def test_bind_mounts_exist_in_the_repository(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        for target, source in _bind_mounts(service).items():
+            assert (ROOT / source).exists(), f"{name}: {source} (mounted at {target}) is not in the repository"
+
+
 def test_depends_on_names_real_services(services: dict[str, Any]) -> None:
     for name, service in services.items():
         for dependency in service.get("depends_on", {}):
             assert dependency in services, f"{name} depends on unknown {dependency}"
             assert "profiles" not in services[dependency], f"{name} depends on the profiled {dependency}"
+
+
+# ------------------------------------------------------------------------------------------------------------- proxy
+
+
+@pytest.fixture(scope="module")
+def nginx() -> list[Directive]:
+    return _nginx(NGINX_CONF.read_text())
+
+
+def test_nginx_parser() -> None:
+    conf = _nginx('a 1; # c\nb { c "x y"; d { e; } }')
+    assert conf == [("a", ["1"], []), ("b", [], [("c", ['"x y"'], []), ("d", [], [("e", [], [])])])]
+
+
+def test_proxy_service(services: dict[str, Any], nginx: list[Directive]) -> None:
+    proxy = services["proxy"]
+    version = re.fullmatch(r"nginx:(\d+)\.(\d+)\.(\d+)-alpine", proxy["image"])
+    assert version, proxy["image"]
+    assert tuple(int(v) for v in version.groups()) >= (1, 27, 3)  # `server ... resolve` in open-source nginx
+    assert _bind_mounts(proxy) == {"/etc/nginx/conf.d/default.conf": "./docker/nginx/quiver.conf"}
+    assert all(v.endswith(":ro") for v in proxy["volumes"])
+    assert proxy["ports"] == ["8000:8000"]
+    [server] = _find(nginx, "server")
+    assert [args for _, args, _ in _find(server[2], "listen")] == [[str(_container_port(proxy["ports"][0]))]]
+    # Starts without waiting for a healthy api: the api stays unhealthy until the jobs have published bundles.
+    assert proxy["depends_on"]["api"]["condition"] == "service_started"
+
+
+def test_proxy_follows_the_replicas(services: dict[str, Any], nginx: list[Directive]) -> None:
+    """Docker's DNS at 127.0.0.11 answers `api` with every replica; nginx must re-resolve it, or replicas added by
+    `--scale` after nginx started would never get a request."""
+    [resolver] = _find(nginx, "resolver")
+    assert resolver[1][0] == "127.0.0.11"
+    valid = next(arg for arg in resolver[1] if arg.startswith("valid="))
+    assert re.fullmatch(r"valid=([1-9]|[1-2]\d|30)s", valid), valid  # at most 30 s to see a new replica
+    [upstream] = _find(nginx, "upstream")
+    name, block = upstream[1][0], upstream[2]
+    assert _find(block, "zone"), "`resolve` needs the upstream's shared-memory zone"
+    [server] = _find(block, "server")
+    assert server[1][0] == f"api:{services['api']['environment']['QUIVER_PORT']}"
+    assert "resolve" in server[1]
+    locations = _find(_find(nginx, "server")[0][2], "location")
+    proxied = [loc for loc in locations if _find(loc[2], "proxy_pass")]
+    assert proxied and all(_find(loc[2], "proxy_pass")[0][1] == [f"http://{name}"] for loc in proxied)
+    assert any(loc[1] == ["/"] for loc in proxied), "not every path reaches the replicas"
+
+
+def test_proxy_passes_bodies_the_service_accepts(nginx: list[Directive]) -> None:
+    """nginx's own limit (1 MB by default) must not cut in before the service's, which answers its JSON 413."""
+    [size] = _find(_find(nginx, "server")[0][2], "client_max_body_size")
+    value = size[1][0]
+    scale = {"k": 1024, "m": 1024**2}.get(value[-1].lower(), 1)
+    assert int(value.rstrip("kKmM")) * scale > Settings().max_body_bytes
+
+
+def test_proxy_healthcheck_is_answered_by_nginx(services: dict[str, Any], nginx: list[Directive]) -> None:
+    proxy = services["proxy"]
+    port = _container_port(proxy["ports"][0])
+    match = re.search(rf"http://127\.0\.0\.1:{port}(/\S*)", _healthcheck_text(proxy))
+    assert match, _healthcheck_text(proxy)
+    [location] = [loc for loc in _find(_find(nginx, "server")[0][2], "location") if loc[1] == ["=", match.group(1)]]
+    assert _find(location[2], "return")[0][1][0] == "200"
+    assert not _find(location[2], "proxy_pass")
+
+
+# ----------------------------------------------------------------------------------------------------------- grafana
+
+
+def test_grafana_service(services: dict[str, Any]) -> None:
+    grafana = services["grafana"]
+    assert grafana["image"].startswith("grafana/grafana:")
+    assert grafana["ports"] == ["3000:3000"]
+    mounts = _bind_mounts(grafana)
+    assert mounts["/etc/grafana/provisioning"] == "./docker/grafana/provisioning"
+    assert "grafana-data:/var/lib/grafana" in grafana["volumes"]
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    assert re.search(r"http://127\.0\.0\.1:3000/api/health", _healthcheck_text(grafana))
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    folder, _, file = home.rpartition("/")
+    assert (ROOT / mounts[folder] / file).is_file(), home
+
+
+def test_grafana_data_source_is_the_stack_prometheus(services: dict[str, Any]) -> None:
+    [source] = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["isDefault"] is True
+    port = _container_port(services["prometheus"]["ports"][0])
+    assert source["url"] == f"http://prometheus:{port}"
+    scrape = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())["scrape_configs"]
+    api_job = next(job for job in scrape if job["job_name"] == "quiver-api")
+    assert source["jsonData"]["timeInterval"] == api_job["scrape_interval"]  # $__rate_interval spans 4 scrapes
+
+
+def test_grafana_loads_the_dashboard_folder(services: dict[str, Any]) -> None:
+    [provider] = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "quiver.yml").read_text())["providers"]
+    assert provider["type"] == "file"
+    path = provider["options"]["path"]
+    mounted = _bind_mounts(services["grafana"])
+    assert path in mounted, f"{path} is not mounted into the grafana container"
+    assert (ROOT / mounted[path] / "quiver.json").is_file()
 
 
 # -------------------------------------------------------------------------------------------------------- Dockerfile

@@ -3,9 +3,6 @@
 A real `quiver-serve` process with a real redis-server; each fresh connection lands on whichever worker accepts it,
 so many fresh connections sample both."""
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
-from tests.serving import Tree
+from tests.serving import Tree, quiver_serve
 
 TOKEN = {"X-Quiver-Admin-Token": "s3cret"}
 
@@ -23,41 +19,11 @@ TOKEN = {"X-Quiver-Admin-Token": "s3cret"}
 def two_workers(serving_tree: Tree, tmp_path: Path, redis_url: str) -> Iterator[tuple[Tree, str]]:
     tree = serving_tree.copy(tmp_path / "artifacts")
     tree.point(0)
-    port = free_port()
-    env = os.environ | {
-        "QUIVER_ARTIFACTS": str(tree.root),
-        "QUIVER_MODEL": "tiny",
-        "QUIVER_RANKER": "tiny_tdm",
-        "QUIVER_REDIS_URL": redis_url,
-        "QUIVER_ADMIN_TOKEN": "s3cret",
-        "QUIVER_RELOAD_POLL_S": "0",  # only the admin call and its announcement can move a worker
-        "QUIVER_TORCH_THREADS": "1",
-        "QUIVER_WORKERS": "2",
-        "QUIVER_PORT": str(port),
-        "QUIVER_LOG_LEVEL": "warning",
-    }
-    serve = Path(sys.executable).parent / "quiver-serve"
-    proc = subprocess.Popen([str(serve)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "quiver-serve exited"
-            try:
-                if all(httpx.get(f"{url}/readyz", timeout=5).status_code == 200 for _ in range(20)):
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "two workers did not become ready"
-            time.sleep(0.2)
+    # the reload poll is off (quiver_serve's default): only the admin call and its announcement can move a worker
+    with quiver_serve(
+        tree.root, redis_url, tmp_path / "serve.log", ready=20, QUIVER_WORKERS="2", QUIVER_ADMIN_TOKEN="s3cret"
+    ) as url:
         yield tree, url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _versions_seen(url: str, n: int = 40) -> set[tuple[str, str]]:
