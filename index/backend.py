@@ -27,6 +27,7 @@ CHUNK = 65536  # vectors per add call when a FAISS index is built from an in-mem
 
 class Searcher(Protocol):
     backend: Backend
+    selects: bool  # search() can restrict itself to a selector's labels (else filters over-fetch)
 
     @property
     def d(self) -> int: ...
@@ -37,8 +38,15 @@ class Searcher(Protocol):
     @property
     def metric_type(self) -> int: ...
 
-    def search(self, queries: np.ndarray, width: int, attempt: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """queries (q, D) -> scores (q, width) float32, labels (q, width) int64 (-1: nothing there)."""
+    def search(
+        self, queries: np.ndarray, width: int, attempt: int = 0, selector: Any = None, selectivity: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """queries (q, D) -> scores (q, width) float32, labels (q, width) int64 (-1: nothing there). selector (only
+        where `selects`): a FAISS IDSelector the labels must pass, which `selectivity` of the catalog does."""
+        ...
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        """(len(labels), D) float32: the stored vectors of these labels (decoded, for lossy codes)."""
         ...
 
     def can_widen(self, attempt: int) -> bool:
@@ -59,6 +67,7 @@ class FaissSearcher:
     IVF probes 4x more lists per retry, up to all of them (then it is exact); Flat is exact already."""
 
     backend: Backend = "faiss"
+    selects = True
 
     def __init__(self, index: faiss.Index) -> None:
         self.index = index
@@ -78,26 +87,40 @@ class FaissSearcher:
     def metric_type(self) -> int:
         return int(self.index.metric_type)
 
-    def _nprobe(self, attempt: int) -> int:
+    def _nprobe(self, attempt: int, selectivity: float = 1.0) -> int:
+        """Lists to probe: 4x per widening; a filter's nearest passing items lie further out, so 1 / sqrt(selectivity)
+        more lists as well."""
         assert self._ivf is not None
-        return int(min(self._ivf.nlist, self._ivf.nprobe * 4**attempt))
+        return int(min(self._ivf.nlist, np.ceil(self._ivf.nprobe * 4**attempt / np.sqrt(max(selectivity, 1e-6)))))
 
     def can_widen(self, attempt: int) -> bool:
         return self._ivf is not None and self._nprobe(attempt) < self._ivf.nlist
 
-    def _params(self, width: int, attempt: int) -> faiss.SearchParameters | None:
+    def _params(self, width: int, attempt: int, selector: Any, selectivity: float) -> faiss.SearchParameters | None:
+        p: faiss.SearchParameters | None = None
         if self._hnsw is not None:
             p = faiss.SearchParametersHNSW()
-            p.efSearch = max(int(self._hnsw.efSearch), width)
-            return p
-        if self._ivf is not None and attempt > 0:
+            # a filtered graph walk meets passing items at the filter's rate: widen its candidate list to match
+            p.efSearch = int(min(self.ntotal, max(int(self._hnsw.efSearch), width) / max(selectivity, 1e-6)))
+        elif self._ivf is not None and (attempt > 0 or selector is not None):
             p = faiss.SearchParametersIVF()
-            p.nprobe = self._nprobe(attempt)
-            return p
-        return None
+            p.nprobe = self._nprobe(attempt, selectivity)
+        elif selector is not None:
+            p = faiss.SearchParameters()
+        if selector is not None:
+            assert p is not None
+            p.sel = selector  # IndexIDMap2 translates it to its inner ids itself
+        return p
 
-    def search(self, queries: np.ndarray, width: int, attempt: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(queries, width, params=self._params(width, attempt))
+    def search(
+        self, queries: np.ndarray, width: int, attempt: int = 0, selector: Any = None, selectivity: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(queries, width, params=self._params(width, attempt, selector, selectivity))
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        if self._ivf is not None and self._ivf.direct_map.type == faiss.DirectMap.NoMap:
+            self._ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # labels are arbitrary after upserts
+        return self.index.reconstruct_batch(np.ascontiguousarray(labels, dtype=np.int64))
 
     def configure(self, search: dict[str, int]) -> None:
         set_search_params(self.index, search)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from index.attributes import catalog_attributes
 from index.auto import EXACT_ENOUGH_S, choose, layouts
 from index.backend import as_searcher, build_searcher
 from index.bundle import (
@@ -161,6 +162,7 @@ def build(
     if not 0.0 <= floor <= 1.0:
         raise QuiverError(f"recall floor {floor} is not within [0, 1]")
     ids = catalog_ids(bundle)
+    attributes = catalog_attributes(bundle)  # a filterable column that is not in the catalog is refused here
     specs, skipped = explicit or layouts(request, len(ids), dim, options.ef_construction)
     auto = request.lower() == AUTO
     if auto and options.search:
@@ -256,7 +258,7 @@ def build(
     if report is not None:
         manifest["auto"] = report
     with staging(parent) as tmp:
-        written = write_files(tmp, index, ids, manifest)
+        written = write_files(tmp, index, ids, manifest, attributes)
         check_model(written, bundle.manifest, tmp)
         load_index(tmp, model_manifest=bundle.manifest)  # reload what will be served before publishing it
         final = commit(tmp, version, publish)

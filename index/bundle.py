@@ -7,6 +7,7 @@ model version.
         index.faiss     a CPU FAISS index (loads without a GPU); its int64 labels are rows of ids.npy
         scann/          or a ScaNN searcher (index/scann_backend.py): protobuf + .npy files, datapoint i = row i
         ids.npy         row -> item id, fixed-width unicode (np.load(allow_pickle=False) never runs code)
+        attributes.parquet  row -> the item's filterable attributes (index/attributes.py), when the model has any
     artifacts/indexes/<name>/CURRENT   one line: the version the service loads
 
 Loading verifies checksums before FAISS or ScaNN parses a byte, so a truncated or modified file is refused with a
@@ -22,9 +23,12 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
+from index.attributes import read_attributes, write_attributes
 from index.backend import FAISS_FILE, Searcher, as_searcher, files_of, open_index
 from index.factory import metric_for, metric_name
+from models.attributes import Kind
 from models.bundle import load_manifest_json, resolve_version, sha256_file, verify_files
 from models.errors import QuiverError
 from models.publish import MANIFEST
@@ -48,6 +52,8 @@ class IndexBundle:
     manifest: dict[str, Any]
     index: faiss.Index | Searcher  # a CPU FAISS index or ScaNN's searcher, search params of the manifest applied
     ids: np.ndarray  # (N,) <U: label -> item id
+    attributes: pa.Table | None = None  # (N rows) label -> filterable attributes; None: the bundle has none
+    attribute_kinds: dict[str, Kind] = field(default_factory=dict)
     _rows: dict[str, int] | None = field(default=None, repr=False)
 
     @property
@@ -87,14 +93,25 @@ class IndexBundle:
 
 
 def write_files(
-    folder: Path, index: faiss.Index | Searcher, ids: np.ndarray, manifest: dict[str, Any]
+    folder: Path,
+    index: faiss.Index | Searcher,
+    ids: np.ndarray,
+    manifest: dict[str, Any],
+    attributes: tuple[pa.Table, dict[str, Kind]] | None = None,
 ) -> dict[str, Any]:
-    """Write the index's files, ids.npy and manifest.json (with checksums) into `folder`; returns the manifest."""
+    """Write the index's files, ids.npy, the items' filterable attributes (when given: a table of len(ids) rows and
+    the kind of each column) and manifest.json (with checksums) into `folder`; returns the manifest."""
     if ids.dtype.kind != "U":
         raise QuiverError(f"{folder / IDS_FILE}: ids must be a fixed-width unicode array, got {ids.dtype}")
     searcher = as_searcher(index)
     written = searcher.save(folder)
     np.save(folder / IDS_FILE, ids, allow_pickle=False)
+    manifest = {k: v for k, v in manifest.items() if k != "attributes"}
+    if attributes is not None:
+        if attributes[0].num_rows != len(ids):
+            raise QuiverError(f"{folder}: {attributes[0].num_rows} attribute rows for {len(ids)} items")
+        written.append(write_attributes(folder, attributes[0]))
+        manifest["attributes"] = attributes[1]
     out = {
         **manifest,
         "index": {**manifest["index"], "backend": searcher.backend},
@@ -183,4 +200,7 @@ def load_index(
     if metric != manifest["metric"]:
         raise QuiverError(f"{where}: a {metric} index, the manifest says {manifest['metric']}")
     searcher.configure(manifest["index"].get("search") or {})
-    return IndexBundle(p, manifest, index, ids)
+    attributes = read_attributes(p, manifest)
+    if attributes is None:
+        return IndexBundle(p, manifest, index, ids)
+    return IndexBundle(p, manifest, index, ids, attributes[0], attributes[1])

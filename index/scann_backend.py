@@ -82,6 +82,7 @@ class ScannSearcher:
     index/search.py ends there) returns the whole catalog."""
 
     backend: Backend = "scann"
+    selects = False  # no ID selector in ScaNN's search: filters over-fetch (index/filter.py)
 
     def __init__(self, native: Any, dim: int, n: int, metric: int, leaves: int, dataset: np.ndarray | Path) -> None:
         self.native = native
@@ -110,15 +111,18 @@ class ScannSearcher:
         self.leaves_to_search = int(search.get("leaves_to_search", self.leaves_to_search))
         self.reorder = int(search.get("reorder", self.reorder))
 
-    def _leaves(self, attempt: int) -> int:
-        return min(self.leaves, self.leaves_to_search * 4**attempt)
+    def _leaves(self, attempt: int, selectivity: float = 1.0) -> int:
+        """4x the leaves per widening; a filter's nearest passing items lie further out: 1 / sqrt(selectivity) more."""
+        return int(min(self.leaves, np.ceil(self.leaves_to_search * 4**attempt / np.sqrt(max(selectivity, 1e-6)))))
 
     def can_widen(self, attempt: int) -> bool:
         return self._leaves(attempt) < self.leaves
 
-    def search(self, queries: np.ndarray, width: int, attempt: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, width: int, attempt: int = 0, selector: Any = None, selectivity: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         q = len(queries)
-        leaves, pre = self._leaves(attempt), max(self.reorder, width)
+        leaves, pre = self._leaves(attempt, selectivity), max(self.reorder, width)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if q == 1:
             found, dist = self.native.search(queries[0], width, pre, leaves)  # (<= width,) each
@@ -147,6 +151,11 @@ class ScannSearcher:
         if isinstance(self._dataset, Path):
             return np.load(self._dataset, allow_pickle=False)
         return self._dataset
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        if isinstance(self._dataset, Path):  # memory-mapped: only the rows asked for are read
+            return np.load(self._dataset, mmap_mode="r", allow_pickle=False)[labels]
+        return self._dataset[labels]
 
     def save(self, folder: Path) -> list[str]:
         out = folder / FOLDER

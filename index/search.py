@@ -16,7 +16,11 @@ import numpy as np
 
 from index.backend import Searcher, as_searcher
 from index.bundle import IndexBundle
+from index.filter import Passing, gathered, search_exact
 from models.errors import QuiverError
+
+OVERFETCH_MARGIN = 1.25  # a filtered over-fetch asks this much more than the selectivity alone predicts
+FILTERED_ATTEMPTS = 3  # widenings of a filtered search before the users still short are scored exactly
 
 
 @dataclass(frozen=True)
@@ -27,12 +31,20 @@ class Hit:
 
 
 def _merge(
-    labels: np.ndarray, scores: np.ndarray, interests: np.ndarray, banned: np.ndarray, k: int, larger: bool
+    labels: np.ndarray,
+    scores: np.ndarray,
+    interests: np.ndarray,
+    banned: np.ndarray,
+    k: int,
+    larger: bool,
+    allowed: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One user's candidates (flattened over interests) -> up to k distinct labels, best score first.
 
-    labels/scores/interests: (n,); banned: sorted int64 labels to drop."""
+    labels/scores/interests: (n,); banned: sorted int64 labels to drop; allowed: (N,) bool, labels a filter passes."""
     keep = labels >= 0
+    if allowed is not None:
+        keep &= allowed[labels]  # label -1 reads the last entry, but is already dropped
     if banned.size:
         keep &= ~np.isin(labels, banned, assume_unique=False)
     labels, scores, interests = labels[keep], scores[keep], interests[keep]
@@ -51,11 +63,14 @@ def _take_single(
     k: int,
     n: int,
     results: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    allowed: np.ndarray | None,
 ) -> list[int]:
     """One query per user, in one vectorised pass: a single query's hits are already distinct and ordered, so
-    dropping padding and excluded labels and keeping the first k is all the merge there is. labels, scores:
-    (q, width); users: (q,). Fills `results` and returns the users still short of k."""
+    dropping padding, excluded labels and labels the filter fails (allowed: (N,) bool) and keeping the first k is
+    all the merge there is. labels, scores: (q, width); users: (q,). Fills `results`, returns the users short of k."""
     keep = labels >= 0  # (q, width)
+    if allowed is not None:
+        keep &= allowed[labels]
     excluded = [u * (n + 1) + 1 + banned[u] for u in users.tolist() if banned[u].size]
     if excluded:  # key = user * (n + 1) + label + 1 is unique per (user, label), padding included
         keys = users[:, None] * (n + 1) + 1 + labels
@@ -78,9 +93,11 @@ def search_vectors(
     mask: np.ndarray | None,
     k: int,
     exclude: Sequence[Iterable[int]] | None = None,
+    passing: Passing | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Label-level search. vectors: (B, K, D) float32 (or (B, D) for K = 1); mask: (B, K) bool of active interests
-    (None = all); exclude: per user, labels to leave out. Returns per user (labels, scores, interests), each (<= k,)."""
+    (None = all); exclude: per user, labels to leave out; passing: the labels a filter lets through (index/filter.py),
+    shared by the batch. Returns per user (labels, scores, interests), each (<= k,)."""
     index = as_searcher(index)
     if vectors.ndim == 2:
         vectors = vectors[:, None, :]
@@ -89,6 +106,8 @@ def search_vectors(
         raise QuiverError(f"query vectors have dimension {d}, the index has {index.d}")
     if k < 1:
         raise QuiverError(f"k must be at least 1, got {k}")
+    if passing is not None and passing.exact:  # few items pass: score exactly those
+        return search_exact(gathered(passing, index), index.metric_type, vectors, mask, k, exclude)
     mask = np.ones((b, kk), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     larger = index.metric_type == faiss.METRIC_INNER_PRODUCT
     banned = [np.unique(np.fromiter(e, dtype=np.int64)) for e in exclude] if exclude else []
@@ -101,37 +120,57 @@ def search_vectors(
     ] * b
     pending = np.unique(owner)  # users still short of k (a user with no active interest gets nothing)
     fetch = {int(u): min(n, k + int(banned[u].size)) for u in range(b)}
+    allowed, selector, selectivity = None, None, 1.0
+    if passing is not None:
+        allowed, selectivity = passing.mask, max(passing.count, 1) / max(n, 1)
+        if index.selects:
+            selector = passing.selector
+        else:  # over-fetch: about fetch passing items expected among fetch / selectivity candidates
+            fetch = {u: min(n, int(np.ceil(f * OVERFETCH_MARGIN / selectivity))) for u, f in fetch.items()}
+        if passing.count == 0:
+            pending = pending[:0]
     attempt = 0
     single = bool(mask.sum(axis=1).max(initial=0) <= 1)  # one vector per user: rows need no merging
+    exhausted: list[int] = []  # users a filtered search left short: scored exactly below
     while pending.size and n > 0:
         rows = np.nonzero(np.isin(owner, pending))[0]  # active vectors of the pending users
         width = max(fetch[int(u)] for u in pending)
-        scores, labels = index.search(queries[rows], width, attempt)  # (q, width)
+        scores, labels = index.search(queries[rows], width, attempt, selector, selectivity)  # (q, width)
         if single:
-            short = _take_single(labels, scores, owner[rows], banned, k, n, results)
-            short = [u for u in short if width < n or index.can_widen(attempt)]
-            for u in short:
-                fetch[u] = min(n, 2 * width)
-            pending = np.asarray(short, dtype=np.int64)
-            attempt += 1
-            continue
-        short = []
-        for u in pending.tolist():
-            sel = owner[rows] == u
-            got = _merge(
-                labels[sel].ravel(),
-                scores[sel].ravel(),
-                np.repeat(interest[rows][sel], width),
-                banned[u],
-                k,
-                larger,
-            )
-            results[u] = got
-            if got[0].size < k and (width < n or index.can_widen(attempt)):
-                short.append(u)
-                fetch[u] = min(n, 2 * width)
+            short = _take_single(labels, scores, owner[rows], banned, k, n, results, allowed)
+        else:
+            short = []
+            for u in pending.tolist():
+                sel = owner[rows] == u
+                results[u] = _merge(
+                    labels[sel].ravel(),
+                    scores[sel].ravel(),
+                    np.repeat(interest[rows][sel], width),
+                    banned[u],
+                    k,
+                    larger,
+                    allowed,
+                )
+                if results[u][0].size < k:
+                    short.append(u)
+        widen = width < n or index.can_widen(attempt)
+        if passing is not None and (not widen or attempt + 1 >= FILTERED_ATTEMPTS):
+            exhausted += short  # a graph walk may not reach every passing item; a few wider tries, then exact
+            short = []
+        elif not widen:
+            short = []
+        for u in short:
+            fetch[u] = min(n, 2 * width)
         pending = np.asarray(short, dtype=np.int64)
         attempt += 1
+    if exhausted:
+        assert passing is not None
+        users = np.asarray(exhausted)
+        exact = search_exact(
+            gathered(passing, index), index.metric_type, vectors[users], mask[users], k, [banned[u] for u in users]
+        )
+        for u, got in zip(exhausted, exact, strict=True):
+            results[u] = got
     return results
 
 
@@ -141,13 +180,15 @@ def search(
     k: int,
     mask: np.ndarray | None = None,
     exclude: Sequence[Iterable[str]] | None = None,
+    passing: Passing | None = None,
 ) -> list[list[Hit]]:
     """Item-id-level search over an index bundle: per user, up to k hits (exactly k when the catalog allows), best
-    first. exclude: per user, item ids to leave out (ids not in the catalog are ignored)."""
+    first. exclude: per user, item ids to leave out (ids not in the catalog are ignored); passing: a filter's
+    labels (index/filter.py)."""
     rows = bundle.row_of() if exclude else {}
     labels = [[rows[i] for i in e if i in rows] for e in exclude] if exclude else None
     out: list[list[Hit]] = []
-    for found, scores, interests in search_vectors(bundle.index, vectors, mask, k, labels):
+    for found, scores, interests in search_vectors(bundle.index, vectors, mask, k, labels, passing):
         items = bundle.ids[found]
         out.append([Hit(str(i), float(s), int(j)) for i, s, j in zip(items, scores, interests, strict=True)])
     return out

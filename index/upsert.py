@@ -13,6 +13,7 @@ The new version is a hash of the parent version and the delta, so applying the s
 """
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from index.attributes import upsert_attributes
 from index.backend import Searcher, as_searcher
 from index.build import BuildResult, catalog_ids, checked_ids
 from index.bundle import IndexBundle, check_model, ids_array, load_index, write_files
@@ -176,21 +178,32 @@ def upsert(
         raise QuiverError(f"{bundle.path}: item vectors have dimension {vectors.shape[1]}, the index has {parent.dim}")
     rows = parent.row_of()
     known = np.fromiter((i in rows for i in delta_ids.tolist()), dtype=bool, count=len(delta_ids))
-    same = _unchanged(parent.index, spec, np.asarray([rows[i] for i in delta_ids[known].tolist()]), vectors[known])
-    if same.any():  # re-sent items whose vector did not move: nothing to do for them
-        drop = np.flatnonzero(known)[same]
-        keep_rows = np.setdiff1d(np.arange(len(delta_ids)), drop)
-        delta_ids, vectors, known = delta_ids[keep_rows], vectors[keep_rows], known[keep_rows]
-    if len(delta_ids) == 0:
-        return BuildResult(parent.path, parent.version, "up_to_date", manifest)
-    new_ids = delta_ids[~known]
+    # attributes first: an item re-sent with a new price or stock state but the same vector still changes the bundle
     labels = np.empty(len(delta_ids), dtype=np.int64)
     labels[known] = [rows[i] for i in delta_ids[known].tolist()]
-    labels[~known] = np.arange(len(parent.ids), len(parent.ids) + len(new_ids))
+    labels[~known] = np.arange(len(parent.ids), len(parent.ids) + int((~known).sum()))
+    attributes = None
+    if parent.attributes is not None:
+        attributes = (upsert_attributes(parent.attributes, delta, labels), parent.attribute_kinds)
+    attributes_moved = attributes is not None and not attributes[0].equals(parent.attributes)
+    same = _unchanged(parent.index, spec, labels[known], vectors[known])
+    if same.any():  # re-sent items whose vector did not move: no index work for them
+        keep_rows = np.setdiff1d(np.arange(len(delta_ids)), np.flatnonzero(known)[same])
+        delta_ids, vectors, known, labels = (
+            delta_ids[keep_rows],
+            vectors[keep_rows],
+            known[keep_rows],
+            labels[keep_rows],
+        )
+    if len(delta_ids) == 0 and not attributes_moved:
+        return BuildResult(parent.path, parent.version, "up_to_date", manifest)
+    new_ids = delta_ids[~known]
     digest = hashlib.sha256()
     digest.update(parent.version.encode())
     digest.update(delta_ids.tobytes())
     digest.update(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+    if attributes_moved:
+        digest.update(json.dumps(delta.select(list(parent.attribute_kinds)).to_pylist(), default=str).encode())
     version = digest.hexdigest()[:16]
     folder = parent.path.parent
     if (folder / version / "manifest.json").is_file():
@@ -198,7 +211,9 @@ def upsert(
         done = load_index(folder / version)
         return BuildResult(done.path, version, status, done.manifest)
 
-    index = _apply(parent.index, spec, metric, labels, np.ascontiguousarray(vectors, dtype=np.float32))
+    index = parent.index
+    if len(delta_ids):
+        index = _apply(index, spec, metric, labels, np.ascontiguousarray(vectors, dtype=np.float32))
     ids = ids_array(np.concatenate([parent.ids, new_ids]))
     quality_in = dict(manifest.get("quality", {}))
     held = stored_vectors(index, spec)
@@ -208,15 +223,19 @@ def upsert(
         exact = ExactTopK(queries, kk, metric)
         for s in range(0, len(held[0]), run.batch):
             exact.add(held[0][s : s + run.batch], held[1][s : s + run.batch])
-        search = manifest["index"].get("search") or {}
+        # ScaNN's tree and codebooks were trained afresh (k-means is not reproducible run to run), so its search
+        # parameters are tuned to the floor again, as at build; the other layouts keep the parent's
+        search = {} if spec.backend == "scann" else manifest["index"].get("search") or {}
         floor = float(quality_in.get("floor", 0.0))
         quality = measure(as_searcher(index), spec, queries, exact.result(), floor, search)
         check_floor(quality, floor, run.allow_low_recall, spec.factory)
         quality_out = {**quality.to_json(), "floor": quality_in.get("floor"), "measured_on": version}
+        as_searcher(index).configure(quality.search)
     else:  # SQ / PQ codes cannot give back exact vectors: keep the parent's measurement, saying so
         quality_out = quality_in
     out = {
         **{k: v for k, v in manifest.items() if k not in ("files", "created_at", "format", "kind")},
+        "index": {**manifest["index"], "search": quality_out.get("search", manifest["index"].get("search"))},
         "version": version,
         "parent_version": parent.version,
         "num_items": len(ids),
@@ -229,7 +248,7 @@ def upsert(
         },
     }
     with staging(folder) as tmp:
-        written = write_files(tmp, index, ids, out)
+        written = write_files(tmp, index, ids, out, attributes)
         load_index(tmp, model_manifest=bundle.manifest)
         final = commit(tmp, version, publish)
     return BuildResult(final, version, "built", written)

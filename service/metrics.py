@@ -79,6 +79,8 @@ class RequestTimer:
         try:
             await self.app(scope, receive, timed_send)
         finally:
-            path = scope["path"]
+            # the matched route's template (FastAPI puts the route in the scope), so /items/{item_id} is one label
+            template = getattr(scope.get("route"), "path", None)
+            path = template if isinstance(template, str) else scope["path"]
             endpoint = path if path in self.endpoints else "other"
             self.metrics.request_duration.labels(endpoint, str(status)).observe(time.perf_counter() - start)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from fastapi import HTTPException
 
+from index.filter import FilterError
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
 from service.reload import RuntimeHolder
@@ -22,6 +23,7 @@ from service.runtime import Found, RecallJob, Runtime
 from service.schemas import (
     EventsRequest,
     EventsResponse,
+    FilterRange,
     RankRequest,
     RankResponse,
     RecallRequest,
@@ -116,12 +118,21 @@ async def recall(svc: Services, rt: Runtime, req: RecallRequest) -> RecallRespon
     if req.exclude_seen:
         exclude += state.history
     fetch = max(req.k, svc.settings.rerank_candidates) if req.rerank else req.k
-    job = RecallJob(state, fetch, exclude)
+    flt = None
+    if req.filter is not None:
+        plain = {c: v.model_dump(exclude_none=True) if isinstance(v, FilterRange) else v for c, v in req.filter.items()}
+        try:
+            flt = rt.attributes.parse(plain)
+        except FilterError as err:
+            raise field_error(422, ["body", "filter", *([err.column] if err.column else [])], str(err)) from None
+    job = RecallJob(state, fetch, exclude, flt)
     if svc.batcher is not None:
         found = await svc.batcher.submit(rt, job)
     else:
         found = (await svc.on_model_thread(recall_batch, svc.metrics, rt, [job]))[0]
     body = _answer(rt, state, unknown, ignored)
+    if flt is not None:  # cached by the search that just ran
+        body["filter_matches"] = rt.passing(flt).count
     items: list[ScoredItem]
     if not req.rerank:
         items = [{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*found, strict=True)]

@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from index.bundle import IndexBundle, load_index, read_index_manifest, resolve_index
+from index.filter import Attributes, Filter, Passing
 from index.search import search_vectors
+from models.attributes import recorded_filterable
 from models.bundle import ModelBundle, load_bundle, read_manifest, resolve_bundle
 from models.errors import QuiverError
 from models.inputs import history_codes, history_length, history_times, to_batch, user_features
@@ -60,6 +63,7 @@ class RecallJob:
     state: UserState
     fetch: int  # how many items to retrieve (k, or the rerank depth)
     exclude: list[str]  # item ids to leave out
+    filter: Filter | None = None  # attributes every item must have (parsed by Runtime.attributes.parse)
 
 
 class Found(NamedTuple):
@@ -91,6 +95,7 @@ class Runtime:
         self.state_len = max(self.history_len, ranker.history_len if ranker else 0)  # history any stage reads
         self.rows = index.row_of()  # item id -> index label
         self._popular_order, self._popular_score = self._popularity()
+        self.attributes = self._attributes()
 
     @property
     def versions(self) -> tuple[str, str, str | None]:
@@ -108,6 +113,20 @@ class Runtime:
         order = np.argsort(-score, kind="stable")
         return order, score[order].astype(np.float32)
 
+    def _attributes(self) -> Attributes:
+        """The served items' filterable attributes: the index bundle's own (kept current by upserts), else, for an
+        index built before filters, the model catalog's, looked up by item id (an item it lacks passes no filter)."""
+        if self.index.attributes is not None:
+            return Attributes(self.index.attributes, self.index.attribute_kinds)
+        items = self.model.items
+        kinds = recorded_filterable(self.model.manifest, items)
+        where = {str(i): r for r, i in enumerate(items.column("item_id").to_pylist())}
+        take = pa.array([where.get(i) for i in self.index.ids.tolist()], type=pa.int64())
+        return Attributes(items.select(list(kinds)).take(take), kinds)
+
+    def passing(self, flt: Filter) -> Passing:
+        return self.attributes.passing(flt, self.index.index, self.index.dim)
+
     def split_known(self, item_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """Item ids in the index's catalog, and the rest (reported to the caller, never silently dropped)."""
         known, unknown = [], []
@@ -118,11 +137,15 @@ class Runtime:
     def labels(self, item_ids: Sequence[str]) -> list[int]:
         return [self.rows[i] for i in item_ids if i in self.rows]
 
-    def popular(self, fetch: int, exclude: Sequence[str]) -> Found:
-        """The most popular items not excluded: the answer for a user nobody knows."""
-        head = self._popular_order[: fetch + len(exclude)]  # enough even if every excluded item is in it
+    def popular(self, fetch: int, exclude: Sequence[str], passing: Passing | None = None) -> Found:
+        """The most popular items not excluded (and passing the filter): the answer for a user nobody knows."""
+        order, score = self._popular_order, self._popular_score
+        if passing is not None:
+            keep = passing.mask[order]
+            order, score = order[keep], score[keep]
+        head = order[: fetch + len(exclude)]  # enough even if every excluded item is in it
         keep = ~np.isin(head, np.asarray(self.labels(exclude), dtype=np.int64))
-        labels, scores = head[keep][:fetch], self._popular_score[: len(head)][keep][:fetch]
+        labels, scores = head[keep][:fetch], score[: len(head)][keep][:fetch]
         return Found(self.index.ids[labels].tolist(), scores.tolist(), [0] * len(labels))
 
     @torch.inference_mode()
@@ -141,21 +164,32 @@ class Runtime:
         """Top-`fetch` items per job: every personalised job's interests in one tower pass and one index search."""
         timings = BatchTimings()
         out = [Found([], [], [])] * len(jobs)
+        passing = {job.filter.key: self.passing(job.filter) for job in jobs if job.filter is not None}
         tower = [j for j, job in enumerate(jobs) if not job.state.popularity_only]
         if tower:
             t0 = time.perf_counter()
             vectors, mask = self.user_vectors([jobs[j].state for j in tower])
             t1 = time.perf_counter()
-            width = max(jobs[j].fetch for j in tower)
-            banned = [self.labels(jobs[j].exclude) for j in tower]
-            found = search_vectors(self.index.index, vectors, mask, width, banned)
+            groups: dict[Any, list[int]] = {}  # one search per distinct filter (None: unfiltered)
+            for r, j in enumerate(tower):
+                f = jobs[j].filter
+                groups.setdefault(f.key if f is not None else None, []).append(r)
+            for key, members in groups.items():
+                rows = np.asarray(members)
+                width = max(jobs[tower[r]].fetch for r in members)
+                banned = [self.labels(jobs[tower[r]].exclude) for r in members]
+                found = search_vectors(
+                    self.index.index, vectors[rows], mask[rows], width, banned, passing.get(key) if key else None
+                )
+                for r, (labels, scores, interests) in zip(members, found, strict=True):
+                    n = jobs[tower[r]].fetch
+                    out[tower[r]] = Found(
+                        self.index.ids[labels[:n]].tolist(), scores[:n].tolist(), interests[:n].tolist()
+                    )
             timings.user_tower, timings.search = t1 - t0, time.perf_counter() - t1
-            for j, (labels, scores, interests) in zip(tower, found, strict=True):
-                n = jobs[j].fetch
-                out[j] = Found(self.index.ids[labels[:n]].tolist(), scores[:n].tolist(), interests[:n].tolist())
         for j, job in enumerate(jobs):
             if job.state.popularity_only:
-                out[j] = self.popular(job.fetch, job.exclude)
+                out[j] = self.popular(job.fetch, job.exclude, passing[job.filter.key] if job.filter else None)
         return out, timings
 
     def rank(

@@ -55,12 +55,35 @@ class UserInput(Strict):
         return self
 
 
+class FilterRange(Strict):
+    lt: float | None = None
+    le: float | None = None
+    gt: float | None = None
+    ge: float | None = None
+
+
+FilterValue = Annotated[
+    Annotated[list[str | int | float], Field(min_length=1, max_length=MAX_LIST)] | FilterRange | bool,
+    Field(
+        description="a list of values (categorical and integer columns: any of them passes), a range {lt, le, gt, "
+        "ge} (integer and numeric columns), or true / false (boolean columns)"
+    ),
+]
+
+
 class RecallRequest(UserInput):
     k: int = Field(100, ge=1, le=MAX_K)
     model: Id | None = Field(None, description="retriever bundle name; must be the loaded one (default: it)")
     exclude_seen: bool = Field(True, description="leave out the items of the user's history")
     exclude: list[Id] = Field(default_factory=list, max_length=MAX_LIST)
     rerank: bool = Field(False, description="reorder the retrieved candidates by the TDM ranker")
+    filter: dict[Id, FilterValue] | None = Field(
+        None,
+        max_length=64,
+        description="item attributes every answered item must have, applied inside the search (every clause must "
+        "hold; a null attribute never passes): exactly k items come back whenever k pass. Columns: the served "
+        "index's filterable ones (GET /models); an unknown column or a value of the wrong type is a 422",
+    )
 
 
 class RankRequest(UserInput):
@@ -121,6 +144,9 @@ class Answer(BaseModel):
 
 class RecallResponse(Answer):
     items: list[ScoredItem]
+    filter_matches: int | None = Field(
+        None, description="with a filter: how many served items pass it (0: none does, and `items` is empty)"
+    )
 
 
 class RankResponse(Answer):
@@ -178,6 +204,10 @@ class IndexInfo(BundleInfo):
     metric: str
     num_items: int
     recall: dict[str, Any] | None = None
+    filterable: dict[str, str] = Field(
+        default_factory=dict,
+        description="columns /recall's `filter` takes, and their kind (categorical, integer, numeric, boolean)",
+    )
 
 
 class Loaded(BaseModel):
@@ -199,3 +229,64 @@ class ErrorBody(BaseModel):
 
     detail: str | list[FieldError]
     message: str | None = None
+
+
+class Served(BaseModel):
+    """The versions a debug view was read from: the same triple a /recall at that moment is answered by."""
+
+    model_version: str
+    index_version: str
+    ranker_version: str | None = None
+
+
+class ItemView(Served):
+    """GET /items/{item_id}: what the served triple knows of one item (read-only debug view)."""
+
+    item_id: str
+    in_catalog: bool = Field(description="the model bundle's catalog (items.parquet) has it: the towers trained on it")
+    attributes: dict[str, Any] | None = Field(
+        description="its items.parquet row as JSON values (item_id and popularity aside; NaN as null); null for an "
+        "item that is not in the catalog (added to the index after training with `quiver-index add`)"
+    )
+    popularity: float | None = Field(
+        description="its training events, the popularity fallback's order; null when not in the catalog (the "
+        "fallback counts it 0)"
+    )
+    in_index: bool = Field(description="the served index holds it: /recall can return it")
+    index_label: int | None = Field(description="its row in the served index (null: not in it)")
+    filter_attributes: dict[str, Any] | None = Field(
+        None,
+        description="the values /recall's `filter` judges it by, as the served index holds them (kept current by "
+        "`quiver-index add`, so an upserted item has them too); null when it is not in the index",
+    )
+    in_ranker: bool | None = Field(description="the TDM ranker's catalog has it (null: no ranker loaded)")
+
+
+class UserView(Served):
+    """GET /users/{user_id}: the user state a /recall without `history`/`features` would read now (read-only)."""
+
+    user_id: str
+    source: Literal["redis", "bundle", "none"] = Field(
+        description="where the history comes from: Redis, the model bundle's users.parquet, or nowhere (a user "
+        "known by a Redis profile only, or, with Redis unavailable, one the bundle lacks)"
+    )
+    history: list[str] = Field(
+        description="item ids, oldest first, the latest the served models read (at most max(user tower, ranker) "
+        "history lengths)"
+    )
+    history_timestamps: list[int] | None = Field(
+        description="when each `history` item was clicked (seconds), where its source kept times"
+    )
+    tower_history_length: int = Field(description="how many of the latest `history` items the user tower reads")
+    unknown_items: list[str] | None = Field(
+        description="`history` items the served index does not hold (ids /recall could not return or exclude)"
+    )
+    profile: dict[str, Any] = Field(
+        description="the profile fields the user tower reads: the bundle's row overlaid with Redis's hash"
+    )
+    redis: Literal["ok", "unavailable", "not_configured"] = Field(
+        description="whether Redis was read for this answer (unavailable: down, slow or its breaker open)"
+    )
+    degraded: str | None = Field(
+        None, description="why a /recall of this user now would not be fully personalised, when it would not"
+    )

@@ -287,13 +287,23 @@ def test_upsert_equals_a_full_rebuild(
             assert {h.item_id for h in g} == {h.item_id for h in w}
     # Every layout: the upserted index holds exactly the vectors a full rebuild holds, item for item.
     spec = parse_spec(built["index"])  # the layout `scann` resolved to
-    assert upserted.manifest["index"]["search"] == built["search"]  # an upsert is not a different index
+    if spec.backend == "scann":  # its tree was trained again: search parameters tuned to the floor again
+        assert upserted.manifest["index"]["search"] == upserted.manifest["quality"]["search"]
+        assert upserted.manifest["quality"]["recall"] >= upserted.manifest["quality"]["floor"]
+    else:
+        assert upserted.manifest["index"]["search"] == built["search"]  # an upsert is not a different index
     held = {}
     for bundle in (upserted, rebuilt):
         labels, vectors = stored_vectors(bundle.index, spec)
         held[bundle.version] = dict(zip(bundle.ids[labels].tolist(), vectors, strict=True))
     mine, theirs = held[upserted.version], held[rebuilt.version]
     assert mine.keys() == theirs.keys() and len(mine) == 1000
+    # ... and the same filterable attributes, item for item (the changed prices and the new items' rows included)
+    assert upserted.attributes is not None and rebuilt.attributes is not None
+    assert upserted.attribute_kinds == rebuilt.attribute_kinds == {"category": "categorical", "brand": "categorical",
+                                                                   "price": "numeric"}  # fmt: skip
+    attrs = {b.version: dict(zip(b.ids.tolist(), b.attributes.to_pylist(), strict=True)) for b in (upserted, rebuilt)}
+    assert attrs[upserted.version] == attrs[rebuilt.version]
     np.testing.assert_allclose(np.stack([mine[i] for i in theirs]), np.stack(list(theirs.values())), atol=1e-6)
     # Applying the same delta again is a no-op.
     code, (again,), _ = _run(
@@ -307,6 +317,36 @@ def test_upsert_equals_a_full_rebuild(
     old_labels, old_vectors = stored_vectors(old.index, spec)
     before_vectors = dict(zip(old.ids[old_labels].tolist(), old_vectors, strict=True))
     assert not np.allclose(before_vectors[moved], mine[moved])
+
+
+def test_upsert_of_attributes_alone_publishes_them(
+    capsys: pytest.CaptureFixture, model: ModelBundle, tmp_path: Path
+) -> None:
+    """An item re-sent with a new attribute no tower reads (stock) keeps its vector, but a filter must see the new
+    value: the upsert publishes a version whose attributes changed and whose index did not."""
+    items = model.items.drop_columns(["popularity"])
+    stock = pa.array([i % 2 == 0 for i in range(items.num_rows)])
+    base = _copy_model(model, tmp_path / "base", items.append_column("in_stock", stock))
+    out, common = tmp_path / "indexes", ["--no-progress", "--threads", "1"]
+    code, (built,), _ = _run(capsys, "build", "--model", str(base), "--index", "Flat", "--out", str(out), *common)
+    assert code == 0
+    flipped = [0, 2, 4]
+    delta = items.take(flipped).append_column("in_stock", pa.array([False, False, False]))
+    pq.write_table(delta, tmp_path / "delta.parquet")
+    code, (added,), err = _run(
+        capsys, "add", "--index", str(out / "tiny"), "--items", str(tmp_path / "delta.parquet"), "--model", str(base),
+        *common,
+    )  # fmt: skip
+    assert code == 0, err
+    assert added["version"] != built["version"] and current_version(out / "tiny") == added["version"]
+    before, after = load_index(out / "tiny" / built["version"]), load_index(out / "tiny")
+    assert before.attribute_kinds["in_stock"] == "boolean"  # a bundle that records none: every comparable column
+    assert after.manifest["upsert"]["items"] == 0  # no vector moved
+    got = dict(zip(after.ids.tolist(), after.attributes.column("in_stock").to_pylist(), strict=True))
+    ids = items.column("item_id").to_pylist()
+    assert [got[ids[r]] for r in flipped] == [False] * 3 and got[ids[6]] is True
+    spec = parse_spec("Flat")
+    np.testing.assert_array_equal(stored_vectors(before.index, spec)[1], stored_vectors(after.index, spec)[1])
 
 
 def test_upsert_bad_input(capsys: pytest.CaptureFixture, model: ModelBundle, models_root: Path, tmp_path: Path) -> None:

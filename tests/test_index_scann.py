@@ -113,14 +113,15 @@ def test_manifest_round_trip(model: ModelBundle, tmp_path: Path) -> None:
     }
     assert index["search"] == {"leaves_to_search": 3, "reorder": 250}
     assert first.manifest["build"]["train_sample"] == 1000 and first.manifest["build"]["request"] == "ScaNN10,AH2"
-    assert all(f.startswith("scann/") for f in first.manifest["files"] if f != "ids.npy")
+    assert all(f.startswith("scann/") for f in first.manifest["files"] if f not in ("ids.npy", "attributes.parquet"))
     searcher = first.index
     assert isinstance(searcher, ScannSearcher) and (searcher.leaves_to_search, searcher.reorder) == (3, 250)
     # what was loaded saves to the same files and reloads to the same answers
     copy = tmp_path / "b"
     copy.mkdir()
     keep = {k: v for k, v in first.manifest.items() if k not in ("files", "created_at", "format", "kind")}
-    written = write_files(copy, first.index, first.ids, keep)
+    assert first.attributes is not None
+    written = write_files(copy, first.index, first.ids, keep, (first.attributes, first.attribute_kinds))
     assert written["index"] == first.manifest["index"] and written["files"] == first.manifest["files"]
     second = load_index(copy)
     queries = query_vectors(model, 40, seed=3)

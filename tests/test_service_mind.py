@@ -8,6 +8,7 @@ import numpy as np
 
 from index.build import build
 from index.bundle import load_index
+from index.filter import Attributes
 from index.options import BuildOptions, PublishOptions
 from index.search import search
 from models.bundle import load_bundle
@@ -36,8 +37,18 @@ def test_mind_recall_merges_every_interest_like_offline(demo_dir: Path, tmp_path
     vectors, mask = user_vectors(bundle, bundle.users.slice(row, 1), [history])
     assert int(mask.sum()) > 1
     expected = search(index, vectors.numpy(), 30, mask.numpy(), exclude=[history])[0]
+    assert index.attributes is not None
+    attrs = Attributes(index.attributes, index.attribute_kinds)
+    flt = {"category": sorted(set(index.attributes.column("category").to_pylist()))[:4]}
+    passing = attrs.passing(attrs.parse(flt), index.index, index.dim)
+    filtered = search(index, vectors.numpy(), 30, mask.numpy(), exclude=[history], passing=passing)[0]
     with running(settings(root, ranker=None)) as url, httpx.Client(base_url=url) as client:
         body = client.post("/recall", json={"user_id": rec["user_id"], "k": 30}).json()
+        narrowed = client.post("/recall", json={"user_id": rec["user_id"], "k": 30, "filter": flt}).json()
+    # with a filter, the interests still merge like offline, over the passing items only
+    assert [i["item_id"] for i in narrowed["items"]] == [h.item_id for h in filtered]
+    assert [i["interest"] for i in narrowed["items"]] == [h.interest for h in filtered]
+    assert len(filtered) == 30 and all(passing.mask[index.row_of()[h.item_id]] for h in filtered)
     assert [i["item_id"] for i in body["items"]] == [h.item_id for h in expected]
     assert [i["interest"] for i in body["items"]] == [h.interest for h in expected]
     assert len({i["interest"] for i in body["items"]}) > 1  # more than one interest contributed

@@ -88,6 +88,8 @@ class OutputConfig(BaseModel):
 
     root: str = "artifacts/models"
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # item-table columns /recall may filter on (models/attributes.py); None: every comparable attribute column
+    filterable: list[str] | None = None
 
 
 class EvalConfig(BaseModel):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.attributes import filterable_columns
 from models.bundle import ModelBundle, load_bundle
 from models.embedding import FeatureEmbedding
 from models.errors import QuiverError
@@ -99,6 +100,7 @@ class TDMTrainer:
         self.raw = load_data(cfg.data)
         self.encoder = FeatureEncoder.fit(cfg.features, self.raw.train, self.raw.users, self.raw.items)
         self.enc = encode(self.raw, self.encoder, cfg.data, t.valid_users)
+        filterable_columns(self.enc.items, cfg.output.filterable, "output.filterable")  # refused before training
         self.retriever_version: str | None = None
         retriever, pool = None, None
         if neg.retriever is not None:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from models.attributes import filterable_columns
 from models.bundle import save_bundle
 from models.errors import QuiverError
 from models.features import FeatureEncoder
@@ -130,6 +131,7 @@ class Trainer:
         self.enc: EncodedData = encode(
             self.raw, self.encoder, cfg.data, cfg.train.valid_users, not sequential, self.reads_time
         )
+        filterable_columns(self.enc.items, cfg.output.filterable, "output.filterable")  # refused before training
         self.sequences: Sequences | None = None
         if sequential:
             ev = self.enc.train
@@ -376,6 +378,7 @@ def write_bundle(trainer: Any, extra: dict[str, Any]) -> Path:
                 "config": trainer.config_dict,
                 "data_fingerprint": data_fingerprint(trainer.raw),
                 "max_seq_len": cfg.data.max_seq_len,
+                "filterable": filterable_columns(items, cfg.output.filterable, "output.filterable"),
                 **extra,
             },
         )

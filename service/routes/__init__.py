@@ -3,9 +3,9 @@
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
-from service.routes import admin, events, health, metrics, models, rank, recall
+from service.routes import admin, events, health, items, metrics, models, rank, recall, users
 
-ROUTERS = tuple(module.router for module in (recall, rank, events, health, models, admin, metrics))
+ROUTERS = tuple(module.router for module in (recall, rank, events, items, users, health, models, admin, metrics))
 
 api_router = APIRouter()
 for _router in ROUTERS:

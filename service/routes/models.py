@@ -31,6 +31,7 @@ async def models(svc: ServicesDep, rt: RuntimeDep) -> Loaded:
             metric=idx["metric"],
             num_items=int(rt.index.index.ntotal),
             recall=idx.get("quality"),
+            filterable=dict(rt.attributes.kinds),
         ),
         ranker=ranker,
         loaded_at=rt.loaded_at,
