@@ -17,7 +17,9 @@ Search, by how many items pass (`Passing.exact`):
   filter and cached; exact, and cheaper than any index at that size;
 - many: the index search itself, restricted inside the search where the backend can (FAISS: an `IDSelectorBitmap`,
   with HNSW's candidate list widened by 1 / selectivity so that enough passing items are met), else (ScaNN) by
-  over-fetching k / selectivity candidates and dropping the ones that fail. index/search.py's widening loop goes on
+  over-fetching k / selectivity candidates, re-scored exactly from reorder / selectivity (the k passing items are
+  among the best k / selectivity, so the re-scoring depth that reaches the recall floor unfiltered must grow by the
+  same factor: at 10% passing, recall 0.81 without it, 0.98 with it), and dropping the ones that fail. index/search.py's widening loop goes on
   until k passing items are found or the catalog is exhausted, so either way the answer holds exactly k items
   whenever k pass.
 """
@@ -41,7 +43,8 @@ RANGE_OPS = ("lt", "le", "gt", "ge")
 # Exact scoring of the passing items up to 20,000 x 64 floats (5 MB per cached filter, ~0.3 ms a query on one core):
 # past that an index search is cheaper (at 1M items: 1% passing is scored exactly, 10% goes through the index).
 EXACT_MAX_FLOATS = 20_000 * 64
-CACHE_FILTERS = 64  # distinct filters whose passing labels (and gathered vectors) are kept
+CACHE_FILTERS = 64  # distinct filters whose passing labels (and gathered vectors) are kept ...
+CACHE_BYTES = 256 << 20  # ... within this many bytes (a 1M-item mask is 1 MB, its labels up to 8 MB)
 
 
 class FilterError(QuiverError):
@@ -75,12 +78,24 @@ class Passing:
     exact: bool  # few enough to score exactly
     vectors: np.ndarray | None = None  # (P, D) float32, gathered on the first exact search
     norms: np.ndarray | None = None  # (P,) squared norms, for L2
-    selector: Any = field(default=None, repr=False)  # faiss.IDSelectorBitmap over the mask (FAISS, not exact)
-    bits: np.ndarray | None = field(default=None, repr=False)  # the selector's bitmap, kept alive with it
+    _selector: Any = field(default=None, repr=False)  # faiss.IDSelectorBitmap over the mask, built on first use
+    _bits: np.ndarray | None = field(default=None, repr=False)  # the selector's bitmap, kept alive with it
 
     @property
     def count(self) -> int:
         return int(self.labels.size)
+
+    @property
+    def nbytes(self) -> int:
+        held = (self.mask, self.labels, self.vectors, self.norms, self._bits)
+        return sum(a.nbytes for a in held if a is not None)
+
+    def selector(self) -> Any:
+        """The mask as a FAISS IDSelectorBitmap (label i passes when bit i is set), for searches that select."""
+        if self._selector is None:
+            self._bits = np.packbits(self.mask, bitorder="little")
+            self._selector = faiss.IDSelectorBitmap(self.mask.size, faiss.swig_ptr(self._bits))
+        return self._selector
 
 
 def _is_number(v: Any) -> bool:
@@ -197,7 +212,8 @@ class Attributes:
         return mask
 
     def passing(self, flt: Filter, index: "faiss.Index | Searcher", dim: int) -> Passing:
-        """The labels passing `flt` (cached per filter), with a FAISS selector when the search will need one."""
+        """The labels passing `flt` (cached per filter), with a FAISS selector when the search will need one. One
+        Attributes serves one index: the cached gathered vectors are that index's."""
         with self._lock:
             hit = self._cache.get(flt.key)
             if hit is not None:
@@ -206,12 +222,13 @@ class Attributes:
         mask = self._mask(flt)
         labels = np.flatnonzero(mask).astype(np.int64)
         found = Passing(mask, labels, exact=labels.size * dim <= self.exact_max_floats)
-        if not found.exact and as_searcher(index).backend == "faiss":
-            found.bits = np.packbits(mask, bitorder="little")
-            found.selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(found.bits))
+        if not found.exact and as_searcher(index).selects:
+            found.selector()  # built here, once, rather than inside a timed search
         with self._lock:
             self._cache[flt.key] = found
-            while len(self._cache) > CACHE_FILTERS:
+            while len(self._cache) > 1 and (
+                len(self._cache) > CACHE_FILTERS or sum(p.nbytes for p in self._cache.values()) > CACHE_BYTES
+            ):
                 self._cache.popitem(last=False)
         return found
 

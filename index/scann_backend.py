@@ -122,7 +122,9 @@ class ScannSearcher:
         self, queries: np.ndarray, width: int, attempt: int = 0, selector: Any = None, selectivity: float = 1.0
     ) -> tuple[np.ndarray, np.ndarray]:
         q = len(queries)
-        leaves, pre = self._leaves(attempt, selectivity), max(self.reorder, width)
+        # a filter's k passing items lie among about k / selectivity candidates: re-score that many more exactly
+        leaves = self._leaves(attempt, selectivity)
+        pre = min(self._n, max(int(np.ceil(self.reorder / max(selectivity, 1e-6))), width))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if q == 1:
             found, dist = self.native.search(queries[0], width, pre, leaves)  # (<= width,) each

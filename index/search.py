@@ -124,7 +124,7 @@ def search_vectors(
     if passing is not None:
         allowed, selectivity = passing.mask, max(passing.count, 1) / max(n, 1)
         if index.selects:
-            selector = passing.selector
+            selector = passing.selector()
         else:  # over-fetch: about fetch passing items expected among fetch / selectivity candidates
             fetch = {u: min(n, int(np.ceil(f * OVERFETCH_MARGIN / selectivity))) for u, f in fetch.items()}
         if passing.count == 0:
