@@ -10,7 +10,9 @@ an HTTP library would.
     open loop (fixed arrival rate): request i is due at t0 + i / rate whatever happened before; a free connection
         takes the next due request, waits for its time and sends it. Latency runs from the *scheduled* time to the
         last body byte, so time spent waiting for a free connection (queueing) counts (no coordinated omission);
-        `send_lag_ms` says how late sends left (timer granularity and busy connections).
+        `send_lag_ms` says how late sends left (timer granularity and busy connections). With --windows N the
+        measured span is cut into N consecutive windows of equal length by scheduled time (the load never pauses
+        between them) and each window's latency percentiles are reported too (`windows`).
 
 Bodies rotate through a JSON-lines file (one request body per line). Non-2xx answers and transport failures are
 errors, counted and reported, never timed as successes.
@@ -127,6 +129,19 @@ def tree_cpu_s(pid: int) -> float | None:
     return total
 
 
+def machine_cpu() -> tuple[float, float, float] | None:
+    """Whole-machine CPU seconds from /proc/stat: (busy, steal, all); None off Linux. busy excludes idle, iowait and
+    steal; steal is time the hypervisor gave this VM's CPUs to someone else."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = user + nice + system + irq + softirq
+    return busy / tick, steal / tick, sum(fields) / tick
+
+
 def own_cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -160,14 +175,18 @@ class Window:
         self.client0 = self.client1 = 0.0
         self.server0: float | None = None
         self.server1: float | None = None
+        self.machine0: tuple[float, float, float] | None = None
+        self.machine1: tuple[float, float, float] | None = None
 
     def start(self) -> None:
         self.t0, self.client0 = time.perf_counter(), own_cpu_s()
         self.server0 = tree_cpu_s(self.pid) if self.pid else None
+        self.machine0 = machine_cpu()
 
     def stop(self) -> None:
         self.t1, self.client1 = time.perf_counter(), own_cpu_s()
         self.server1 = tree_cpu_s(self.pid) if self.pid else None
+        self.machine1 = machine_cpu()
 
     def cpu(self, answers: int) -> dict[str, Any]:
         span = max(self.t1 - self.t0, 1e-9)
@@ -176,6 +195,15 @@ class Window:
             used = self.server1 - self.server0
             out["server_cpu_pct"] = round(100 * used / span, 1)
             out["server_cpu_ms_per_req"] = round(1000 * used / answers, 3) if answers else None
+        if self.machine0 is not None and self.machine1 is not None:
+            # every CPU of the machine, in % of one core: what the rest of the machine used beside the server and
+            # this client (other processes: the shared machine's noise), and the hypervisor's steal
+            busy, steal = (self.machine1[i] - self.machine0[i] for i in (0, 1))
+            out["machine_busy_pct"] = round(100 * busy / span, 1)
+            out["steal_pct"] = round(100 * steal / span, 1)
+            if "server_cpu_pct" in out:
+                rest = out["machine_busy_pct"] - out["server_cpu_pct"] - out["client_cpu_pct"]
+                out["others_cpu_pct"] = round(max(0.0, rest), 1)
         return out
 
 
@@ -255,10 +283,13 @@ async def open_loop(
     rate: float,
     drain: float,
     pid: int | None,
+    windows: int = 1,
 ) -> dict[str, Any]:
     total = int(rate * (warmup + seconds))
     first_measured = int(rate * warmup)
+    measured_n = max(1, total - first_measured)
     lat: list[float] = []  # scheduled time -> last byte
+    by_window: list[list[float]] = [[] for _ in range(windows)]  # the same latencies, by scheduled window
     service: list[float] = []  # actual send -> last byte
     lag: list[float] = []  # actual send - scheduled time
     statuses: Counter[str] = Counter()
@@ -294,6 +325,7 @@ async def open_loop(
                     # A timer may fire up to half a millisecond early (the loop rounds to ms): then count from the
                     # actual send, never less than the service time.
                     lat.append((done - min(due, sent)) * 1000.0)
+                    by_window[min(windows - 1, (i - first_measured) * windows // measured_n)].append(lat[-1])
                     service.append((done - sent) * 1000.0)
                     lag.append((sent - due) * 1000.0)
         conn.close()
@@ -333,6 +365,11 @@ async def open_loop(
         "send_lag_p50_ms": percentile(lag, 50),
         "send_lag_p99_ms": percentile(lag, 99),
         **window.cpu(ok + non2xx),
+        **(
+            {"windows": [{"answers": len(w), "seconds": seconds / windows, **latency_summary(w)} for w in by_window]}
+            if windows > 1
+            else {}
+        ),
     }
 
 
@@ -359,7 +396,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         if not args.rate or args.rate <= 0:
             raise SystemExit("loadgen: --mode open needs --rate > 0")
-        coro = open_loop(host, port, reqs, args.connections, args.warmup, args.seconds, args.rate, args.drain, args.pid)
+        coro = open_loop(
+            host, port, reqs, args.connections, args.warmup, args.seconds, args.rate, args.drain, args.pid, args.windows
+        )
     out = runner(coro)
     out["url"] = args.url
     out["client_loop"] = loop_name
@@ -377,9 +416,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=None, help="open loop: requests per second")
     p.add_argument("--drain", type=float, default=10.0, help="open loop: wait this long for the last answers")
     p.add_argument("--pid", type=int, default=None, help="server process: report its CPU use over the window")
+    p.add_argument(
+        "--windows", type=int, default=1, help="open loop: also report latency per window (the span cut in N)"
+    )
     args = p.parse_args(argv)
-    if args.connections < 1 or args.seconds <= 0 or args.warmup < 0:
-        p.error("--connections >= 1, --seconds > 0, --warmup >= 0")
+    if args.connections < 1 or args.seconds <= 0 or args.warmup < 0 or args.windows < 1:
+        p.error("--connections >= 1, --seconds > 0, --warmup >= 0, --windows >= 1")
     return args
 
 

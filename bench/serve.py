@@ -1,24 +1,56 @@
-"""Serving benchmark (DESIGN §8, issue #6): /recall through a real uvicorn process over a 1M-item HNSW index, beside a
-bare FastAPI endpoint answering a same-size JSON body (the framework floor), measured in the same run.
+"""Serving benchmark (DESIGN §8, issue #16 item 4): /recall through a real uvicorn process at a measured recall@100
+>= 0.95, against the same pipeline called in-process (what HTTP serving adds) and against an HNSW32 index served the
+same way in the same run; the bare FastAPI floor beside them as context.
 
-For each endpoint a load generator in its own process (bench/loadgen.py: asyncio, raw HTTP/1.1 keep-alive) measures
-requests/s at saturation (closed loop, --connections connections) and then p50/p99 latency at --load (default 50%) of
-that rate (open loop: fixed arrival rate, latency from each request's scheduled send time to its last byte, so
-queueing counts). Endpoints: `/recall` k=100, `/recall` k=100 with `rerank` (the service retrieves
-QUIVER_RERANK_CANDIDATES = 200 candidates and reorders them by the TDM ranker), each with micro-batching on (the
-service default) and off, and the floor (bench/serve_floor.py, measured twice: between and after the service runs).
-Goals on the 2-core dev machine: rps_recall >= 0.70x rps_floor (`ratio`), p99 <= 10 ms at half load.
+What runs, in order (each server in its own process, the load from bench/loadgen.py in another: asyncio, raw
+HTTP/1.1 keep-alive):
+  1. `recall`: quiver-serve over the served index (default `--index auto`: quiver-index's pick, the fastest layout
+     at the recall floor), one worker, micro-batching on (the service default). --repeats (3) saturation runs:
+     closed loop, --connections connections, --warmup + --seconds each; `rps_recall` is their median. Then the
+     fixed rate at --load (0.5) x rps_recall, open loop (request i due at t0 + i/rate; latency from its due time to
+     its last byte, queueing counted), one continuous run cut into --p99-windows (3) windows of --p99-seconds (30):
+     `p99_ms_half_load` is the median of the windows' p99s (all in `p99_ms_half_load_windows`).
+  2. `inprocess`, alternating with the saturation runs of 1: a child process loads the same triple with the
+     service's loader (service.runtime.load_runtime(find_target(settings))) beside the idle server, threads pinned
+     as the service pins its model thread (QUIVER_TORCH_THREADS for torch and FAISS/ScaNN), and after each
+     saturation run answers the same request users the way the pipeline does minus HTTP: user state
+     (service.userstate.resolve over the bundle's tables: the measured server runs without Redis, so it does the
+     same), seen items excluded, `Runtime.recall` per batch (user tower, search, merge), the answer's item list.
+     Its batches follow the sizes the server formed in the saturation run just before (the quiver_batch_size
+     histogram's bucket counts and total from /metrics, see `batch_sizes`), shuffled. `rps_inprocess` = the median
+     round's requests / seconds; `ratio_overhead = rps_recall / rps_inprocess`, and per pair in
+     `ratio_overhead_pairs` (alternating keeps a burst of load from elsewhere on this shared VM from landing on
+     one side only).
+  3. `floor`: bench/serve_floor.py, a bare FastAPI app answering a captured /recall k=100 body (saturation, then
+     one fixed-rate window); measured again at the end (`rps_floor` = the mean), context only.
+  4. `recall_hnsw`: quiver-serve over `--baseline-index` (HNSW32,Flat, efConstruction 200) built from the same
+     model version at the same floor, --repeats saturation runs: `rps_vs_hnsw = rps_recall / rps_hnsw` (medians).
+  5. `recall_2_workers`: the served index with QUIVER_WORKERS=2 (each worker loads its own copy, torch threads as
+     set), --repeats saturation runs: `rps_recall_2_workers`, `ratio_2_workers` = over one worker; the connections
+     each worker accepted and each worker's CPU are recorded.
+  Optional: --microbatch-off (step 1 without micro-batching) and --rerank (/recall with rerank of 200 by TDM).
+  Every measured window also records what the rest of the machine used (`noise`: other processes' CPU and the
+  hypervisor's steal, from /proc/stat), since this 2-core VM is shared; a service saturation run or in-process
+  round beside which other processes used more than --noise-max (15) % of a core is discarded and measured again
+  (`servers.*.discarded_noisy_runs`). Steal cannot be avoided and is only reported.
+
+Every index must serve at the floor: its manifest's recall@100 against exact search (measured at build on the
+bundle's own users) is printed and recorded (`recall_served`, `recall_hnsw`); below --recall-floor the run stops
+(exit 2) rather than measure a faster, worse index.
+Goals (2-core dev machine): ratio_overhead >= 0.8, rps_vs_hnsw >= 1.5, p99_ms_half_load <= 10 ms.
 
 Data (prepared once, cached under --out/ keyed by the settings, see `Layout`; a rerun reuses them): the synthetic
 demo catalog (`quiver-train demo-data`) at 1M items, a DSSM retriever trained briefly on it (configs/dssm_demo.yaml,
-one epoch at most, item_id hashed so that never-clicked items get distinct vectors), an HNSW32,Flat index over all
-items (`quiver-index build`, recall measured against exact search, served at --ef-search) and a TDM ranker (the
-configs/tdm_demo.yaml shape, a capped number of clicks, popularity negatives only). The models are trained for
-speed measurement only: their quality is not the point and the JSON says so.
+one epoch at most, item_id hashed so that never-clicked items get distinct vectors), the served index and the
+baseline index over all items (`quiver-index build --threads 2`, each tuned to the floor; HNSW's efSearch ladder
+stops at 2048, so where that misses the floor --ef-search gives it), and a TDM ranker (the
+configs/tdm_demo.yaml shape, a capped number of clicks, popularity negatives only; loaded by the service as
+QUIVER_RANKER, measured only with --rerank). The models are trained for speed measurement only: their quality is not
+the point and the JSON says so.
 
     flock /tmp/quiver-cpu.lock .venv/bin/python bench/serve.py                  # prepare (first run) + measure
     .venv/bin/python bench/serve.py --prepare-only                              # only build the artifacts
-    .venv/bin/python bench/serve.py --skip-prepare --seconds 5                  # quick, cached artifacts required
+    .venv/bin/python bench/serve.py --skip-prepare --seconds 5 --p99-seconds 10 # quicker, cached artifacts required
     .venv/bin/python bench/serve.py --floor-only --seconds 5                    # loadgen vs the floor, no service
 
 Prints one JSON line (also written to <artifacts root>/runs/<time>/bench.json beside the server logs). Exit codes:
@@ -30,6 +62,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -38,6 +71,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +85,9 @@ from models.errors import QuiverError
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
-GOAL_RATIO = 0.70
-GOAL_P99_MS = 10.0
+GOAL_OVERHEAD = 0.8  # rps over HTTP / rps of the same pipeline in-process
+GOAL_VS_HNSW = 1.5  # rps on the served index / rps on HNSW32, both at the recall floor
+GOAL_P99_MS = 10.0  # at half of the saturation rate
 DSSM, TDM = "dssm", "tdm"  # bundle names under <root>/models (the ranker's and the index's get a key suffix)
 
 
@@ -71,7 +106,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d.add_argument("--users", type=int, default=10_000)
     d.add_argument("--categories", type=int, default=24)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--index", default="HNSW32,Flat", help="FAISS factory string of the served index")
+    d.add_argument(
+        "--index",
+        default="auto",
+        help="served index, as quiver-index build --index takes it (default %(default)s: the fastest layout at "
+        "--recall-floor, ScaNN at 1M items)",
+    )
+    d.add_argument(
+        "--baseline-index",
+        default="HNSW32,Flat",
+        help="the index /recall is compared with in the same run (rps_vs_hnsw); '' for none",
+    )
+    d.add_argument("--build-threads", type=int, default=2, help="quiver-index --threads")
     d.add_argument(
         "--item-buckets",
         type=int,
@@ -81,10 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d.add_argument(
         "--ef-search",
         type=int,
-        default=384,
-        help="HNSW efSearch served (0: let quiver-index tune it to --recall-floor; the briefly trained model's "
-        "near-duplicate item vectors keep HNSW32 below 0.95 even at 2048, so the default is the index benchmark's "
-        "setting for recall 0.96 on clustered 1M-item vectors, and the recall reached here is reported)",
+        default=0,
+        help="HNSW efSearch (0, the default: quiver-index tunes it to --recall-floor, the cheapest value reaching it)",
     )
     d.add_argument(
         "--ef-construction", type=int, default=HNSW_EF_CONSTRUCTION, help="HNSW build breadth (quiver-index's default)"
@@ -96,7 +140,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d.add_argument("--skip-prepare", action="store_true", help="fail instead of building missing artifacts")
     d.add_argument("--prepare-only", action="store_true")
     m = p.add_argument_group("measurement")
-    m.add_argument("--seconds", type=float, default=10.0, help="measured window of each load run")
+    m.add_argument("--seconds", type=float, default=10.0, help="measured window of each saturation run")
+    m.add_argument("--p99-seconds", type=float, default=30.0, help="each fixed-rate window of the p99 goal")
+    m.add_argument("--p99-windows", type=int, default=3, help="fixed-rate windows (p99: their median)")
     m.add_argument("--warmup", type=float, default=3.0, help="load before each saturation window")
     m.add_argument("--open-warmup", type=float, default=1.0, help="load before each fixed-rate window")
     m.add_argument("--connections", type=int, default=32, help="closed-loop connections (saturation)")
@@ -105,21 +151,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     m.add_argument("--k", type=int, default=100)
     m.add_argument("--rerank-candidates", type=int, default=200, help="QUIVER_RERANK_CANDIDATES")
     m.add_argument("--request-users", type=int, default=2000, help="user ids rotated through the requests")
-    m.add_argument("--microbatch", default="on,off", help="service runs: on, off or on,off")
-    m.add_argument("--no-rerank", action="store_true", help="skip the rerank runs")
+    m.add_argument("--workers", default="1,2", help="QUIVER_WORKERS values measured at saturation (1 is always run)")
+    m.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="saturation runs per server (the median counts); the served one's alternate with in-process rounds",
+    )
+    m.add_argument(
+        "--noise-max",
+        type=float,
+        default=15.0,
+        help="a saturation run (or in-process round) during which other processes used more than this %% of a core "
+        "is discarded and measured again (at most 3 x --repeats tries)",
+    )
+    m.add_argument("--microbatch-off", action="store_true", help="also measure /recall without micro-batching")
+    m.add_argument("--rerank", action="store_true", help="also measure /recall with rerank (TDM over 200)")
     m.add_argument("--floor-only", action="store_true", help="only the floor app (checks the load generator)")
-    m.add_argument("--torch-threads", type=int, default=None, help="QUIVER_TORCH_THREADS (default: the service's)")
+    m.add_argument(
+        "--torch-threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="QUIVER_TORCH_THREADS and OMP_NUM_THREADS of every process (default: the cores, the service's default)",
+    )
     m.add_argument("--batch-max-size", type=int, default=None, help="QUIVER_BATCH_MAX_SIZE (default: the service's)")
     m.add_argument("--batch-max-wait-ms", type=float, default=None, help="QUIVER_BATCH_MAX_WAIT_MS")
     m.add_argument("--port", type=int, default=18700, help="service port; the floor uses port + 1")
     m.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
     args = p.parse_args(argv)
-    modes = [s.strip() for s in args.microbatch.split(",") if s.strip()]
-    if not modes or any(s not in ("on", "off") for s in modes):
-        p.error("--microbatch: on, off or on,off")
-    args.microbatch = modes
+    try:
+        args.workers = sorted({1, *(int(w) for w in args.workers.split(",") if w.strip())})
+    except ValueError:
+        p.error("--workers: comma-separated worker counts")
     if args.items < 1000 or args.users < 10 or not 0 < args.load <= 1 or args.seconds <= 0 or args.connections < 1:
         p.error("--items >= 1000, --users >= 10, 0 < --load <= 1, --seconds > 0, --connections >= 1")
+    if args.p99_windows < 1 or args.p99_seconds <= 0 or args.repeats < 1 or min(args.workers) < 1:
+        p.error("--p99-windows >= 1, --p99-seconds > 0, --repeats >= 1, --workers >= 1")
     return args
 
 
@@ -148,12 +215,26 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
+class IndexPlan:
+    """One index bundle to build over the retriever: its name (keyed by what builds it) and its build command."""
+
+    def __init__(self, role: str, request: str, ef_search: int, args: argparse.Namespace) -> None:
+        self.role, self.request = role, request
+        self.hnsw = request.upper().startswith("HNSW")
+        self.ef_search = ef_search if self.hnsw else 0
+        key: dict[str, Any] = {"index": request, "ef_search": self.ef_search, "recall_floor": args.recall_floor}
+        if self.hnsw:  # the graph's build breadth (keys written before it was a setting meant FAISS's 40)
+            key["ef_construction"] = args.ef_construction
+        self.name = f"{DSSM}-{_digest(key)}"  # QUIVER_INDEX
+
+
 class Layout:
     """Where the prepared artifacts live, each level keyed by what builds it, so a rerun reuses them:
 
     <out>/data/items{N}-users{U}-c{C}-s{seed}/              the demo catalog
     <out>/<data name>-<key>/models/dssm                      retriever (key: its config): QUIVER_ARTIFACTS
-    <out>/<data name>-<key>/indexes/dssm-<key>               its index (key: factory, efSearch, floor)
+    <out>/<data name>-<key>/indexes/dssm-<key>               the served index (key: layout, efSearch, floor)
+    <out>/<data name>-<key>/indexes/dssm-<key'>              the baseline index (HNSW32), same model version
     <out>/<data name>-<key>/models/tdm-<key>                 ranker (key: its config), beside the retriever
     """
 
@@ -163,12 +244,11 @@ class Layout:
         self.data = out / "data" / name
         self.dssm_cfg, self.tdm_cfg = self.configs()
         self.root = out / f"{name}-{_digest(self._keyed(self.dssm_cfg))}"  # QUIVER_ARTIFACTS
-        self.hnsw = args.index.upper().startswith("HNSW")
-        self.ef_search = args.ef_search if self.hnsw else 0
-        index_key = {"index": args.index, "ef_search": self.ef_search, "recall_floor": args.recall_floor}
-        if self.hnsw:  # the graph's build breadth (keys written before it was a setting meant FAISS's 40)
-            index_key["ef_construction"] = args.ef_construction
-        self.index = f"{DSSM}-{_digest(index_key)}"  # QUIVER_INDEX
+        self.served = IndexPlan("served", args.index, args.ef_search, args)
+        self.baseline = (
+            IndexPlan("baseline", args.baseline_index, args.ef_search, args) if args.baseline_index else None
+        )
+        self.indexes = [self.served] + ([self.baseline] if self.baseline else [])
         self.ranker = f"{TDM}-{_digest(self._keyed(self.tdm_cfg))}"  # QUIVER_RANKER
         self.dssm_cfg["output"] = {"root": str(self.root / "models"), "name": DSSM}
         self.tdm_cfg["output"] = {"root": str(self.root / "models"), "name": self.ranker}
@@ -259,15 +339,21 @@ def have_demo_data(data: Path) -> bool:
 
 
 def prepare(args: argparse.Namespace, lay: Layout) -> dict[str, Any]:
-    """Build whatever is missing; returns prep.json (step seconds, index facts). Cached steps keep their times."""
+    """Build whatever is missing; returns prep.json (step seconds, index facts). Cached steps keep their times.
+
+    Order: data, retriever, the served index, the ranker, then the baseline index (HNSW32 at 1M items: ~10 min)."""
     root, data = lay.root, lay.data
     if args.skip_prepare:  # check everything first: a refused run leaves nothing behind
-        for what, ok in (
+        needed = [
             (f"demo data {data}", have_demo_data(data)),
             (f"DSSM bundle {root / 'models' / DSSM}", latest(root / "models" / DSSM, "LATEST")),
-            (f"index {root / 'indexes' / lay.index}", latest(root / "indexes" / lay.index, "CURRENT")),
             (f"TDM bundle {root / 'models' / lay.ranker}", latest(root / "models" / lay.ranker, "LATEST")),
-        ):
+        ]
+        for plan in lay.indexes:
+            needed.append(
+                (f"{plan.role} index {root / 'indexes' / plan.name}", latest(root / "indexes" / plan.name, "CURRENT"))
+            )
+        for what, ok in needed:
             if not ok:
                 raise BenchError(f"--skip-prepare: {what} missing (run once without --skip-prepare)")
     root.mkdir(parents=True, exist_ok=True)
@@ -296,52 +382,84 @@ def prepare(args: argparse.Namespace, lay: Layout) -> dict[str, Any]:
         prep["dssm_fit_s"] = round(seconds, 1)
         steps_done.append("dssm_fit")
         save()
-    if latest(root / "indexes" / lay.index, "CURRENT") is None:
-        cmd = [venv_tool("quiver-index"), "build", "--model", str(root / "models" / DSSM), "--name", lay.index]
-        cmd += ["--out", str(root / "indexes"), "--index", args.index, "--recall-floor", str(args.recall_floor)]
-        if lay.hnsw:
+
+    def build_index(plan: IndexPlan) -> None:
+        if latest(root / "indexes" / plan.name, "CURRENT") is not None:
+            return
+        cmd = [venv_tool("quiver-index"), "build", "--model", str(root / "models" / DSSM), "--name", plan.name]
+        cmd += ["--out", str(root / "indexes"), "--index", plan.request, "--recall-floor", str(args.recall_floor)]
+        cmd += ["--threads", str(args.build_threads), "--no-progress"]
+        if plan.hnsw:
             cmd += ["--ef-construction", str(args.ef_construction)]
-        if lay.ef_search:
-            cmd += ["--ef-search", str(lay.ef_search), "--allow-low-recall"]
-        seconds, _ = run_step(cmd, f"{args.index} index over the catalog")
-        prep.setdefault("index_build_s", {})[lay.index] = round(seconds, 1)
-        steps_done.append("index_build")
+        if plan.ef_search:
+            cmd += ["--ef-search", str(plan.ef_search)]
+        # Published even below the floor, so that a long build is not lost: the measurement refuses it instead,
+        # naming the recall the manifest records.
+        cmd += ["--allow-low-recall"]
+        seconds, _ = run_step(cmd, f"{plan.role} index ({plan.request}) over the catalog")
+        prep.setdefault("index_build_s", {})[plan.name] = round(seconds, 1)
+        steps_done.append(f"index_build_{plan.role}")
         save()
+
+    build_index(lay.served)
     if latest(root / "models" / lay.ranker, "LATEST") is None:
         cmd = [venv_tool("quiver-train"), "fit", "--config", str(cfg_dir / f"{lay.ranker}.yaml")]
         seconds, _ = run_step(cmd, f"TDM training ({args.tdm_clicks:,} clicks)")
         prep.setdefault("tdm_fit_s", {})[lay.ranker] = round(seconds, 1)
         steps_done.append("tdm_fit")
         save()
+    if lay.baseline is not None:
+        build_index(lay.baseline)
     prep["built_now"] = steps_done
     return prep
 
 
+def index_facts(root: Path, plan: IndexPlan, model_version: str | None) -> dict[str, Any]:
+    """One index bundle's identity, search parameters, measured recall and size (the files its manifest lists:
+    index.faiss for FAISS, scann/* for ScaNN, ids.npy, attributes)."""
+    index = latest(root / "indexes" / plan.name, "CURRENT")
+    if index is None:
+        raise BenchError(f"{root / 'indexes' / plan.name}: no published {plan.role} index")
+    im = json.loads((index / "manifest.json").read_text())
+    if im.get("model", {}).get("version") != model_version:
+        raise BenchError(
+            f"{index}: built from model version {im.get('model', {}).get('version')}, the retriever's LATEST is "
+            f"{model_version} (delete the index folder to rebuild it)"
+        )
+    quality = im.get("quality", {})
+    size = sum((index / rel).stat().st_size for rel in im.get("files", {}))
+    return {
+        "name": plan.name,
+        "request": plan.request,
+        "version": im.get("version"),
+        "backend": im["index"].get("backend", "faiss"),
+        "factory": im["index"].get("factory"),
+        "search": im["index"].get("search"),
+        "items": im.get("num_items"),
+        "recall@100": quality.get("recall"),
+        "recall_k": quality.get("k"),
+        "recall_queries": quality.get("queries"),
+        "build_s": im.get("build", {}).get("seconds"),
+        "mb": round(size / 2**20, 1),
+        **({"auto": im["auto"]} if "auto" in im else {}),
+    }
+
+
 def artifact_facts(lay: Layout) -> dict[str, Any]:
-    """What the service will load: versions, sizes, the index's search parameters and measured recall."""
+    """What the service will load: versions, sizes, each index's search parameters and measured recall."""
     root = lay.root
     model = latest(root / "models" / DSSM, "LATEST")
-    index = latest(root / "indexes" / lay.index, "CURRENT")
     ranker = latest(root / "models" / lay.ranker, "LATEST")
-    if model is None or index is None or ranker is None:
-        raise BenchError(f"{root}: incomplete artifacts (model {model}, index {index}, ranker {ranker})")
+    if model is None or ranker is None:
+        raise BenchError(f"{root}: incomplete artifacts (model {model}, ranker {ranker})")
     mm = json.loads((model / "manifest.json").read_text())
-    im = json.loads((index / "manifest.json").read_text())
     rm = json.loads((ranker / "manifest.json").read_text())
     metrics = mm.get("metrics", {})
     return {
         "model_version": mm.get("version"),
-        "index_version": im.get("version"),
-        "index": lay.index,
         "ranker": lay.ranker,
         "ranker_version": rm.get("version"),
-        "index_factory": im["index"].get("factory"),
-        "index_search": im["index"].get("search"),
-        "index_items": im.get("num_items"),
-        "index_recall@100": im.get("quality", {}).get("recall"),
-        "index_recall_sweep": im.get("quality", {}).get("sweep"),
-        "index_manifest_build_s": im.get("build", {}).get("seconds"),
-        "index_mb": round((index / "index.faiss").stat().st_size / 2**20, 1),
+        "indexes": {plan.role: index_facts(root, plan, mm.get("version")) for plan in lay.indexes},
         "dssm_epochs_run": len(metrics.get("history", [])),
         "dssm_valid": {k: v for k, v in metrics.items() if k.startswith("valid_")},
         "tdm_valid": {k: v for k, v in rm.get("metrics", {}).items() if k.startswith("valid_")},
@@ -373,8 +491,37 @@ def http(method: str, url: str, body: dict[str, Any] | None = None, timeout: flo
         return err.code, err.read()
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (Linux /proc); [] once it is gone."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(k) for k in (task / "children").read_text().split())
+        except OSError:
+            continue
+        out.append(p)
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 class Server:
-    """A server process (own process group), started with its log in a file; waits for GET /readyz == 200."""
+    """A server process (own process group), started with its log in a file; ready once GET /readyz is 200 and the
+    process tree is quiet (with several workers, /readyz answers from the first one up while the others still load:
+    a worker accepts connections only after its lifespan loaded and warmed the triple, so the others' loading would
+    run inside the measurement)."""
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int, logs: Path) -> None:
         self.name, self.cmd, self.env, self.port = name, cmd, env, port
@@ -386,7 +533,16 @@ class Server:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float) -> None:
+    def _check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-15:]
+            raise BenchError(
+                f"{self.name} exited with {self.proc.returncode} before it was ready; log {self.log_path}:\n  "
+                + "\n  ".join(tail)
+            )
+
+    def start(self, timeout: float, quiet_cores: float = 0.15) -> None:
         with socket.socket() as probe:  # another server on the port would answer our /readyz
             if probe.connect_ex(("127.0.0.1", self.port)) == 0:
                 raise BenchError(f"port {self.port} is already in use: pick another with --port")
@@ -396,33 +552,36 @@ class Server:
             self.proc = subprocess.Popen(
                 self.cmd, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        last = ""
+        last, ready = "", False
         while time.perf_counter() - t0 < timeout:
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-15:]
-                raise BenchError(
-                    f"{self.name} exited with {self.proc.returncode} before it was ready; log {self.log_path}:\n  "
-                    + "\n  ".join(tail)
-                )
-            try:
-                status, body = http("GET", self.base + "/readyz", timeout=5)
-                if status == 200:
-                    self.startup_s = time.perf_counter() - t0
-                    log(f"{self.name} ready after {self.startup_s:.1f} s (pid {self.proc.pid})")
-                    return
-                last = f"{status} {body[:200]!r}"
-            except OSError as err:
-                last = str(err)
-            time.sleep(0.5)
+            self._check_alive()
+            if not ready:
+                try:
+                    status, body = http("GET", self.base + "/readyz", timeout=5)
+                    ready = status == 200
+                    last = f"{status} {body[:200]!r}"
+                except OSError as err:
+                    last = str(err)
+                if not ready:
+                    time.sleep(0.5)
+                continue
+            c0 = tree_cpu_s(self.proc.pid)
+            time.sleep(1.0)
+            used = tree_cpu_s(self.proc.pid) - c0
+            if used <= quiet_cores:
+                self.startup_s = time.perf_counter() - t0
+                log(f"{self.name} ready after {self.startup_s:.1f} s (pid {self.proc.pid})")
+                return
+            last = f"/readyz 200 but the processes still use {used:.2f} cores"
         self.stop()
-        raise BenchError(f"{self.name}: /readyz not 200 after {timeout:.0f} s (last: {last}); log {self.log_path}")
+        raise BenchError(f"{self.name}: not ready after {timeout:.0f} s (last: {last}); log {self.log_path}")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and nothing else
-            self.proc.wait(timeout=20)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
@@ -430,33 +589,43 @@ class Server:
             pass
 
     def rss_mb(self) -> float | None:
+        """Resident memory of the server's process tree (all workers)."""
         if self.proc is None:
             return None
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        except OSError:
-            return None
-        return None
+        total = 0
+        for p in process_tree(self.proc.pid):
+            try:
+                for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                continue
+        return round(total / 1024, 1) if total else None
 
 
-def service_env(args: argparse.Namespace, lay: Layout, microbatch: bool) -> dict[str, str]:
+def thread_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of every measured process: no QUIVER_* from outside, OpenMP/MKL threads set explicitly."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUIVER_")}
-    env |= {
+    n = str(args.torch_threads)
+    return env | {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
+def service_env(args: argparse.Namespace, lay: Layout, plan: IndexPlan, microbatch: bool, workers: int) -> dict:
+    env = thread_env(args) | {
         "QUIVER_ARTIFACTS": str(lay.root),
         "QUIVER_MODEL": DSSM,
-        "QUIVER_INDEX": lay.index,
+        "QUIVER_INDEX": plan.name,
         "QUIVER_RANKER": lay.ranker,
         "QUIVER_HOST": "127.0.0.1",
         "QUIVER_PORT": str(args.port),
+        "QUIVER_WORKERS": str(workers),
         "QUIVER_MICROBATCH": "true" if microbatch else "false",
         "QUIVER_RELOAD_POLL_S": "0",
         "QUIVER_LOG_LEVEL": "warning",
         "QUIVER_RERANK_CANDIDATES": str(args.rerank_candidates),
+        "QUIVER_TORCH_THREADS": str(args.torch_threads),
     }
     for name, value in (
-        ("QUIVER_TORCH_THREADS", args.torch_threads),
         ("QUIVER_BATCH_MAX_SIZE", args.batch_max_size),
         ("QUIVER_BATCH_MAX_WAIT_MS", args.batch_max_wait_ms),
     ):
@@ -472,39 +641,106 @@ def check_service_code() -> None:
         )
 
 
-def preflight(server: Server, users: list[str], k: int, rerank: bool) -> bytes:
-    """One request of the kind about to be measured: 200 with k items, or a clear error. Returns the body."""
+def preflight(server: Server, users: list[str], k: int, rerank: bool, index_version: str | None = None) -> bytes:
+    """One request of the kind about to be measured: 200 with k items (from the expected index version), or a clear
+    error. Returns the body."""
     status, body = http("POST", server.base + "/recall", {"user_id": users[0], "k": k, "rerank": rerank})
     what = f"{server.name} POST /recall (k={k}, rerank={rerank})"
     if status != 200:
         raise BenchError(f"{what}: HTTP {status}: {body[:300]!r}")
     try:
-        items = json.loads(body)["items"]
+        answer = json.loads(body)
+        items = answer["items"]
     except (ValueError, KeyError, TypeError):
         raise BenchError(f"{what}: not a /recall answer: {body[:300]!r}") from None
     if len(items) != k:
         raise BenchError(f"{what}: {len(items)} items, expected {k}")
+    if index_version is not None and answer.get("index_version") != index_version:
+        raise BenchError(f"{what}: served index version {answer.get('index_version')}, expected {index_version}")
     return body
 
 
 # ---------------------------------------------------------------- load
 
 
-def loadgen(args: argparse.Namespace, url: str, bodies: Path, pid: int | None, mode: str, **kw: Any) -> dict:
+def loadgen(
+    args: argparse.Namespace,
+    url: str,
+    bodies: Path,
+    pid: int | None,
+    mode: str,
+    probe: tuple[float, Callable[[], Any]] | None = None,
+    **kw: Any,
+) -> dict:
     cmd = [sys.executable, str(BENCH / "loadgen.py"), "--url", url, "--bodies", str(bodies), "--mode", mode]
-    cmd += ["--seconds", str(args.seconds)]
+    kw.setdefault("seconds", args.seconds)
     if pid:
         cmd += ["--pid", str(pid)]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if out.returncode != 0 or not out.stdout.strip():
-        raise BenchError(f"load generator failed (exit {out.returncode}): {out.stderr.strip()[-500:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=thread_env(args)
+    )
+    seen = None
+    if probe is not None:  # something to look at while the load runs (connections per worker)
+        time.sleep(probe[0])
+        seen = probe[1]()
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0 or not stdout.strip():
+        raise BenchError(f"load generator failed (exit {proc.returncode}): {stderr.strip()[-500:]}")
+    out = json.loads(stdout.strip().splitlines()[-1])
+    if seen is not None:
+        out["probe"] = seen
+    return out
+
+
+def connections_by_process(root_pid: int, port: int) -> dict[str, int]:
+    """Established TCP connections to `port` held by each process of the server's tree (which worker accepted the
+    load generator's keep-alive connections)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 9 and f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f[9])
+    out: dict[str, int] = {}
+    for pid in process_tree(root_pid):
+        n = 0
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            n += link.startswith("socket:[") and link[8:-1] in inodes
+        if n:
+            out[str(pid)] = n
+    return out
+
+
+def cpu_by_process(root_pid: int) -> dict[int, float]:
+    """CPU seconds of each process of the tree."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for p in process_tree(root_pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            out[p] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
 
 
 def scrape(server: Server) -> dict[str, float]:
-    """The service's Prometheus histogram sums and counts (stage timings, batch sizes); {} for the floor."""
+    """The service's Prometheus stage-timing and micro-batch-size series (sums, counts, buckets); {} for the floor.
+    With several workers this is whichever worker answered: one process's view."""
     try:
         status, text = http("GET", server.base + "/metrics", timeout=10)
     except OSError:
@@ -514,7 +750,7 @@ def scrape(server: Server) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.decode(errors="replace").splitlines():
         if line.startswith(("quiver_stage_duration_seconds_", "quiver_batch_size_")) and (
-            "_sum" in line or "_count" in line
+            "_sum" in line or "_count" in line or line.startswith("quiver_batch_size_bucket")
         ):
             name, _, value = line.rpartition(" ")
             try:
@@ -539,34 +775,56 @@ def stage_summary(before: dict[str, float], after: dict[str, float]) -> dict[str
     if batches > 0:
         out["microbatch"] = {
             "batches": int(batches),
+            "requests": round(delta.get("quiver_batch_size_sum", 0.0)),
             "mean_size": round(delta.get("quiver_batch_size_sum", 0.0) / batches, 2),
+            "buckets": batch_buckets(delta),
         }
     return out
 
 
-def measure(args: argparse.Namespace, server: Server, bodies: Path, label: str) -> dict[str, Any]:
-    """Saturation (closed loop), then the fixed rate at --load of it (open loop)."""
-    url = server.base + "/recall"
-    pid = server.proc.pid if server.proc else None
-    log(f"{label}: saturation, {args.connections} connections, {args.warmup:g}+{args.seconds:g} s")
-    m0 = scrape(server)
-    sat = loadgen(args, url, bodies, pid, "closed", connections=args.connections, warmup=args.warmup)
-    m1 = scrape(server)
-    rate = args.load * sat["rps"]
-    log(f"{label}: {sat['rps']:.0f} req/s (p99 {sat['p99_ms']} ms), errors {sat['errors']}; open loop at {rate:.0f}/s")
-    if rate <= 0:
-        raise BenchError(f"{label}: no successful answers at saturation ({sat['statuses']}, {sat['transport_errors']})")
-    half = loadgen(
-        args, url, bodies, pid, "open", connections=args.open_connections, warmup=args.open_warmup, rate=rate
-    )
-    m2 = scrape(server)
-    log(
-        f"{label}: p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms at {half['achieved_rps']}/s, "
-        f"errors {half['errors']}"
-    )
-    if m1:  # the service's own stage timings over each run (warm-up included)
-        sat["stages"], half["stages"] = stage_summary(m0, m1), stage_summary(m1, m2)
-    return {"saturation": sat, "half_load": half, "rss_mb": server.rss_mb()}
+def batch_buckets(delta: dict[str, float]) -> dict[str, int]:
+    """Batches per histogram bucket (upper edge -> batches in (previous edge, edge]), from cumulative counts, in
+    edge order."""
+    edges = []
+    for key, n in delta.items():
+        if key.startswith("quiver_batch_size_bucket"):
+            le = key.split('le="', 1)[-1].split('"', 1)[0]
+            edges.append((float("inf") if le == "+Inf" else float(le), round(n)))
+    edges.sort()
+    out, prev = {}, 0
+    for le, cum in edges:  # every bucket, the empty ones too: each bucket's lower edge is the previous edge
+        out["inf" if le == float("inf") else f"{le:g}"] = cum - prev
+        prev = cum
+    return out
+
+
+def batch_sizes(micro: dict[str, Any], max_size: int, seed: int) -> list[int]:
+    """A sequence of batch sizes with the server's histogram: each batch inside its bucket, the total equal to the
+    requests the server batched. (The histogram keeps bucket counts and the sum, not each size: within its bucket
+    every batch sits at the same fraction of the bucket's width, the fraction that makes the total come out right,
+    rounded with the error carried; then the order is shuffled.)"""
+    import numpy as np
+
+    spans: list[tuple[int, int, int]] = []  # (lo, hi, batches)
+    lo = 1
+    for edge, n in sorted(((float(k), v) for k, v in micro["buckets"].items()), key=lambda x: x[0]):
+        hi = int(min(edge, max_size)) if edge != float("inf") else max_size
+        if n:
+            spans.append((min(lo, hi), hi, n))
+        lo = int(edge) + 1 if edge != float("inf") else lo
+    target = micro["requests"]
+    least = sum(lo * n for lo, _, n in spans)
+    most = sum(hi * n for _, hi, n in spans)
+    frac = 0.0 if most == least else min(1.0, max(0.0, (target - least) / (most - least)))
+    sizes, carry = [], 0.0
+    for lo, hi, n in spans:
+        for _ in range(n):
+            exact = lo + frac * (hi - lo) + carry
+            size = int(min(hi, max(lo, round(exact))))
+            carry = exact - size
+            sizes.append(size)
+    np.random.default_rng(seed).shuffle(sizes)
+    return [int(s) for s in sizes]
 
 
 def write_bodies(path: Path, users: list[str], k: int, rerank: bool) -> Path:
@@ -574,24 +832,242 @@ def write_bodies(path: Path, users: list[str], k: int, rerank: bool) -> Path:
     return path
 
 
-def summary(prefix: str, r: dict[str, Any] | None) -> dict[str, Any]:
-    if r is None:
-        return {}
-    s, h = r["saturation"], r["half_load"]
-    return {
-        f"rps_{prefix}": s["rps"],
-        f"p50_ms_{prefix}": h["p50_ms"],
-        f"p99_ms_{prefix}": h["p99_ms"],
-        f"errors_{prefix}": s["errors"] + h["errors"],
-        **(
-            {f"mean_batch_{prefix}": s["stages"]["microbatch"]["mean_size"]}
-            if "microbatch" in s.get("stages", {})
-            else {}
-        ),
-    }
+def saturation(args: argparse.Namespace, server: Server, bodies: Path, label: str, workers: int = 1) -> dict[str, Any]:
+    """Closed loop at --connections, with the service's stage timings and batch sizes over the run (warm-up
+    included; with several workers, /metrics is one worker's view). With several workers, also the connections
+    each worker process holds mid-run and each process's CPU over the run."""
+    pid = server.proc.pid if server.proc else None
+    log(f"{label}: saturation, {args.connections} connections, {args.warmup:g}+{args.seconds:g} s")
+    m0 = scrape(server)
+    probe = None
+    if workers > 1 and pid:
+        probe = (args.warmup + args.seconds / 2, lambda: connections_by_process(pid, server.port))
+        c0, t0 = cpu_by_process(pid), time.perf_counter()
+    sat = loadgen(args, server.base + "/recall", bodies, pid, "closed", probe, connections=args.connections,
+                  warmup=args.warmup)  # fmt: skip
+    m1 = scrape(server)
+    if m1 and workers == 1:  # with several workers the two scrapes may reach different processes' registries
+        sat["stages"] = stage_summary(m0, m1)
+    if probe is not None and pid:
+        span = time.perf_counter() - t0
+        c1 = cpu_by_process(pid)
+        sat["connections_by_process"] = sat.pop("probe", None)
+        sat["cpu_pct_by_process"] = {str(p): round(100 * (c1[p] - c0.get(p, 0.0)) / span, 1) for p in c1}
+        log(f"{label}: connections by process {sat['connections_by_process']}, CPU % {sat['cpu_pct_by_process']}")
+    mb = sat.get("stages", {}).get("microbatch", {})
+    log(
+        f"{label}: {sat['rps']:.0f} req/s (p99 {sat['p99_ms']} ms, server CPU {sat.get('server_cpu_pct')}%"
+        + (f", mean batch {mb['mean_size']}" if mb else "")
+        + f"), errors {sat['errors']}; other processes {sat.get('others_cpu_pct')}%, steal {sat.get('steal_pct')}%"
+    )
+    if sat["rps"] <= 0:
+        raise BenchError(f"{label}: no successful answers at saturation ({sat['statuses']}, {sat['transport_errors']})")
+    return sat
+
+
+def fixed_rate(
+    args: argparse.Namespace, server: Server, bodies: Path, label: str, rate: float, windows: int, seconds: float
+) -> dict[str, Any]:
+    """Open loop at `rate`: `windows` consecutive windows of `seconds` each; p99 = the median of the windows' p99s."""
+    pid = server.proc.pid if server.proc else None
+    log(f"{label}: fixed rate {rate:.0f}/s, {args.open_warmup:g} s + {windows} x {seconds:g} s")
+    m0 = scrape(server)
+    half = loadgen(args, server.base + "/recall", bodies, pid, "open", connections=args.open_connections,
+                   warmup=args.open_warmup, rate=rate, seconds=windows * seconds, windows=windows)  # fmt: skip
+    m1 = scrape(server)
+    if m1:
+        half["stages"] = stage_summary(m0, m1)
+    p99s = [w["p99_ms"] for w in half.get("windows", [])] or [half["p99_ms"]]
+    half["p99_ms_windows"] = p99s
+    half["p99_ms_median"] = median(p99s)
+    log(
+        f"{label}: p50 {half['p50_ms']} ms, p99 per window {p99s} -> {half['p99_ms_median']} ms at "
+        f"{half['achieved_rps']}/s, errors {half['errors']}; other processes {half.get('others_cpu_pct')}%, "
+        f"steal {half.get('steal_pct')}%"
+    )
+    return half
+
+
+def median(values: list[float | None]) -> float | None:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else round((vals[mid - 1] + vals[mid]) / 2, 3)
+
+
+# ---------------------------------------------------------------- the in-process baseline
+
+
+class InProcess:
+    """The in-process pipeline in a child process of its own (threads pinned like the service's model thread), kept
+    loaded for the whole service run so that its rounds alternate with the server's saturation runs: see
+    `inprocess_main`. Nothing else runs during a round (the server sits idle: its reload poll is off)."""
+
+    def __init__(self, args: argparse.Namespace, lay: Layout, plan: IndexPlan, users: list[str], run_dir: Path):
+        spec = {
+            "artifacts": str(lay.root),
+            "model": DSSM,
+            "index": plan.name,
+            "ranker": lay.ranker,
+            "torch_threads": args.torch_threads,
+            "k": args.k,
+            "users": users,
+            "seed": args.seed,
+        }
+        path = run_dir / "inprocess_spec.json"
+        path.write_text(json.dumps(spec))
+        self.log_path = run_dir / "inprocess.log"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--inprocess-child", str(path)]
+        log("in-process pipeline: loading the triple in a child process")
+        with open(self.log_path, "w") as err:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, env=thread_env(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                text=True,
+            )  # fmt: skip
+        self.ready = self._read()
+        log(f"in-process pipeline: loaded in {self.ready['load_s']} s (index {self.ready['index_version']})")
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        text = self.proc.stdout.readline()
+        if not text.strip():
+            self.proc.wait()
+            tail = self.log_path.read_text(errors="replace").strip()[-800:]
+            raise BenchError(f"in-process baseline failed (exit {self.proc.returncode}): {tail}")
+        return json.loads(text)
+
+    def round(self, sizes: list[int], seed: int) -> dict[str, Any]:
+        """One replay of `sizes` (batch sizes, shuffled with `seed`), after a short untimed warm-up."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"sizes": sizes, "seed": seed}) + "\n")
+        self.proc.stdin.flush()
+        r = self._read()
+        log(
+            f"in-process pipeline: {r['rps']:.0f} req/s ({r['requests']:,} requests in {r['batches']:,} batches, "
+            f"mean {r['mean_batch']}); other processes {r.get('others_cpu_pct')}%, steal {r.get('steal_pct')}%"
+        )
+        return r
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def inprocess_main(spec_path: str) -> int:
+    """Child process: load the triple with the service's own loader (service.runtime.load_runtime(find_target(...)))
+    and answer the request users' /recall k jobs the way the service's pipeline does, minus HTTP: the user state
+    step (service.userstate.resolve over the bundle's tables, as the server does without QUIVER_REDIS_URL), the
+    exclusion of seen items, one `Runtime.recall` per batch (user tower, search, merge) in the batch sizes the server
+    formed, and the answer's item list. JSON encoding of the answer is left out (it is part of what HTTP serving
+    adds). Protocol: one JSON line on stdout once loaded, then per stdin line {"sizes": [...], "seed": n} one round
+    (every batch replayed in a shuffled order, after an untimed warm-up of a tenth of them) and its JSON line;
+    rps = requests / seconds. Exits at end of input."""
+    import faiss
+    import numpy as np
+    import torch
+    from loadgen import machine_cpu  # bench/ is this script's folder
+
+    spec = json.loads(Path(spec_path).read_text())
+    threads = int(spec["torch_threads"])
+    torch.set_num_threads(threads)  # as service.app._pin_threads, on the thread that will search
+    faiss.omp_set_num_threads(threads)
+    from service.runtime import RecallJob, find_target, load_runtime
+    from service.settings import Settings
+    from service.userstate import resolve
+
+    settings = Settings(
+        artifacts=Path(spec["artifacts"]),
+        model=spec["model"],
+        index=spec["index"],
+        ranker=spec["ranker"],
+        torch_threads=threads,
+    )
+    t0 = time.perf_counter()
+    rt = load_runtime(find_target(settings))
+    load_s = time.perf_counter() - t0
+    users, k = spec["users"], int(spec["k"])
+    stages = ("user_state", "user_tower", "search", "recall_other", "answer")
+
+    def batch(ids: list[str], parts: dict[str, float]) -> int:
+        a = time.perf_counter()
+        jobs = []
+        for u in ids:
+            state = resolve(u, rt.users, None, False, None, None)
+            jobs.append(RecallJob(state, k, list(state.history)))  # exclude_seen (the default)
+        b = time.perf_counter()
+        found, timings = rt.recall(jobs)
+        c = time.perf_counter()
+        n = 0
+        for f in found:
+            items = [{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*f, strict=True)]
+            n += len(items) == k
+        d = time.perf_counter()
+        parts["user_state"] += b - a
+        parts["user_tower"] += timings.user_tower
+        parts["search"] += timings.search
+        parts["recall_other"] += (c - b) - timings.user_tower - timings.search
+        parts["answer"] += d - c
+        return n
+
+    def replay(order: list[int], parts: dict[str, float]) -> tuple[int, int, float]:
+        pos, full = 0, 0
+        t = time.perf_counter()
+        for size in order:
+            ids = [users[(pos + j) % len(users)] for j in range(size)]
+            pos += size
+            full += batch(ids, parts)
+        return pos, full, time.perf_counter() - t
+
+    def own_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    print(json.dumps({"load_s": round(load_s, 1), "index_version": rt.index.version}), flush=True)
+    for text in sys.stdin:
+        if not text.strip():
+            continue
+        req = json.loads(text)
+        order = [int(s) for s in req["sizes"]]
+        np.random.default_rng(int(req["seed"])).shuffle(order)
+        replay(order[: max(1, len(order) // 10)], dict.fromkeys(stages, 0.0))  # warm-up, untimed
+        parts = dict.fromkeys(stages, 0.0)
+        m0, c0 = machine_cpu(), own_cpu()
+        n, full, seconds = replay(order, parts)
+        m1, c1 = machine_cpu(), own_cpu()
+        if full != n:
+            raise SystemExit(f"in-process: {n - full} answers without {k} items")
+        out = {
+            "rps": round(n / seconds, 1),
+            "requests": n,
+            "batches": len(order),
+            "mean_batch": round(n / len(order), 2),
+            "seconds": round(seconds, 3),
+            "ms_per_request": {p: round(1000 * v / n, 4) for p, v in parts.items()},
+            "cpu_pct": round(100 * (c1 - c0) / seconds, 1),
+            "torch_threads": threads,
+        }
+        if m0 is not None and m1 is not None:
+            out["others_cpu_pct"] = round(max(0.0, 100 * (m1[0] - m0[0] - (c1 - c0)) / seconds), 1)
+            out["steal_pct"] = round(100 * (m1[1] - m0[1]) / seconds, 1)
+        print(f"in-process round: {out}", file=sys.stderr, flush=True)
+        print(json.dumps(out), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- the run
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--inprocess-child"]:
+        return inprocess_main(argv[1])
     args = parse_args(argv)
     try:
         return run(args)
@@ -603,6 +1079,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def check_recall(facts: dict[str, Any], floor: float) -> None:
+    """Every index measured must serve at the floor: its manifest's recall@100 against exact search."""
+    for role, f in facts["indexes"].items():
+        r = f.get("recall@100")
+        log(f"{role} index {f['factory']} ({f['backend']}, search {f['search']}): recall@{f.get('recall_k')} {r}")
+        if r is None or r < floor:
+            raise BenchError(
+                f"{role} index {f['name']} ({f['factory']}, search {f['search']}): measured recall@100 {r} is below "
+                f"the floor {floor}; not measured (rebuild it: delete {f['name']} under the indexes folder)"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out_root = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
@@ -611,7 +1099,7 @@ def run(args: argparse.Namespace) -> int:
     line: dict[str, Any] = {"bench": "serve"}
 
     prep: dict[str, Any] = {}
-    facts: dict[str, Any] = {}
+    facts: dict[str, Any] = {"indexes": {}}
     users: list[str] = [f"u{i}" for i in range(args.request_users)]
     if not args.floor_only:
         check_service_code()
@@ -625,6 +1113,7 @@ def run(args: argparse.Namespace) -> int:
         if args.prepare_only:
             print(json.dumps({"bench": "serve", "prepare_only": True, "artifacts": str(root), "prep": prep, **facts}))
             return 0
+        check_recall(facts, args.recall_floor)
 
     run_dir = root / "runs" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -632,94 +1121,228 @@ def run(args: argparse.Namespace) -> int:
     recall_bodies = write_bodies(run_dir / "recall.jsonl", users, args.k, False)
     rerank_bodies = write_bodies(run_dir / "rerank.jsonl", users, args.k, True)
     floor_body = run_dir / "floor_body.json"
-    results: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
     servers: dict[str, dict[str, Any]] = {}
+    wall: dict[str, float] = {}
+    served = facts["indexes"].get("served", {})
 
     def floor_run(label: str) -> None:
+        t = time.perf_counter()
         cmd = [sys.executable, str(BENCH / "serve_floor.py"), "--port", str(args.port + 1), "--k", str(args.k)]
         if floor_body.is_file():
             cmd += ["--body", str(floor_body)]
-        server = Server(label, cmd, dict(os.environ), args.port + 1, run_dir)
+        server = Server(label, cmd, thread_env(args), args.port + 1, run_dir)
         try:
             server.start(60)
             body = preflight(server, users, args.k, False)
             servers[label] = {"startup_s": round(server.startup_s, 1), "body_bytes": len(body)}
-            results[label] = measure(args, server, recall_bodies, label)
+            sat = saturation(args, server, recall_bodies, label)
+            runs[label] = {"saturation": sat}
+            if label == "floor":
+                runs[label]["half_load"] = fixed_rate(args, server, recall_bodies, label, args.load * sat["rps"], 1,
+                                                      args.seconds)  # fmt: skip
         finally:
             server.stop()
+        wall[label] = round(time.perf_counter() - t, 1)
 
-    def service_run(mb: str) -> None:
-        label = f"service_mb_{mb}"
-        cmd = [venv_tool("quiver-serve")]
-        server = Server(label, cmd, service_env(args, lay, mb == "on"), args.port, run_dir)
+    def service_run(
+        label: str, role: str, workers: int, microbatch: bool, half_windows: int, rerank: bool, paired: bool = False
+    ) -> None:
+        """Start quiver-serve, measure --repeats saturation runs (the median one is the run's figure), then the
+        fixed-rate windows. paired: the in-process child loads the same triple beside the idle server and one of its
+        rounds follows each saturation run, replaying the batch sizes that run formed."""
+        t = time.perf_counter()
+        plan = lay.served if role == "served" else lay.baseline
+        assert plan is not None
+        server = Server(label, [venv_tool("quiver-serve")], service_env(args, lay, plan, microbatch, workers),
+                        args.port, run_dir)  # fmt: skip
+        inproc: InProcess | None = None
         try:
             server.start(args.startup_timeout)
-            body = preflight(server, users, args.k, False)
+            body = preflight(server, users, args.k, False, facts["indexes"][role]["version"])
             if not floor_body.is_file():
                 floor_body.write_bytes(body)  # the floor answers exactly these bytes' content
             servers[label] = {
+                "index": role,
+                "workers": workers,
+                "microbatch": microbatch,
                 "startup_s": round(server.startup_s, 1),
                 "body_bytes": len(body),
                 "rss_mb": server.rss_mb(),
             }
-            if not args.no_rerank:
-                rb = preflight(server, users, args.k, True)
-                servers[label]["rerank_body_bytes"] = len(rb)
-            results[f"recall_mb_{mb}"] = measure(args, server, recall_bodies, f"/recall microbatch {mb}")
-            if not args.no_rerank:
-                results[f"rerank_mb_{mb}"] = measure(args, server, rerank_bodies, f"/recall rerank microbatch {mb}")
+            if paired:
+                inproc = InProcess(args, lay, plan, users, run_dir)
+                if inproc.ready["index_version"] != facts["indexes"][role]["version"]:
+                    raise BenchError(
+                        f"in-process child loaded index {inproc.ready['index_version']}, not the served one"
+                    )
+            sats, rounds, discarded = [], [], []
+            i = tries = 0
+            while i < args.repeats:
+                tries += 1
+                sat = saturation(args, server, recall_bodies, f"{label} [{i + 1}/{args.repeats}]", workers)
+                rnd = None
+                if inproc is not None:
+                    micro = sat.get("stages", {}).get("microbatch")
+                    if not micro or not micro.get("buckets"):
+                        raise BenchError(f"{label}: the service reported no micro-batch sizes (quiver_batch_size)")
+                    sizes = batch_sizes(micro, args.batch_max_size or 64, args.seed + tries)
+                    rnd = inproc.round(sizes, args.seed + tries)
+                noisy = max(sat.get("others_cpu_pct") or 0.0, (rnd or {}).get("others_cpu_pct") or 0.0)
+                if noisy > args.noise_max and tries < 3 * args.repeats:
+                    # another process ran beside this window (outside the CPU lock): measured again
+                    log(f"{label}: other processes used {noisy}% of a core during this run: discarded, measured again")
+                    discarded.append({"saturation_rps": sat["rps"], "inprocess_rps": (rnd or {}).get("rps"),
+                                      "others_cpu_pct": noisy})  # fmt: skip
+                    continue
+                sats.append(sat)
+                if rnd is not None:
+                    rounds.append(rnd)
+                i += 1
+            if discarded:
+                servers[label]["discarded_noisy_runs"] = discarded
+            if inproc is not None:
+                inproc.stop()
+                rps_in = [r["rps"] for r in rounds]
+                runs["inprocess"] = {
+                    "rps": median(rps_in),
+                    "rps_rounds": rps_in,
+                    "ratio_pairs": [round(s_["rps"] / r["rps"], 3) for s_, r in zip(sats, rounds, strict=True)],
+                    "load_s": inproc.ready["load_s"],
+                    "user_state": "bundle tables (service.userstate.resolve, no Redis: as the measured server)",
+                    "rounds": rounds,
+                }
+            mid = sorted(sats, key=lambda x: x["rps"])[len(sats) // 2]
+            r: dict[str, Any] = {"saturation": mid, "rps_runs": [x["rps"] for x in sats], "saturations": sats}
+            if half_windows:
+                rate = args.load * median([x["rps"] for x in sats])
+                seconds = args.p99_seconds if half_windows > 1 else args.seconds
+                r["half_load"] = fixed_rate(args, server, recall_bodies, label, rate, half_windows, seconds)
+            r["rss_mb"] = server.rss_mb()
+            runs[label] = r
+            if rerank:
+                preflight(server, users, args.k, True)
+                rr: dict[str, Any] = {"saturation": saturation(args, server, rerank_bodies, label + "_rerank")}
+                rr["half_load"] = fixed_rate(args, server, rerank_bodies, label + "_rerank",
+                                             args.load * rr["saturation"]["rps"], 1, args.seconds)  # fmt: skip
+                runs[label + "_rerank"] = rr
         finally:
+            if inproc is not None:
+                inproc.stop()
             server.stop()
+        wall[label] = round(time.perf_counter() - t, 1)
 
     if args.floor_only:
         floor_run("floor")
     else:
-        service_run(args.microbatch[0])
+        # 1+2. the served index, one worker, micro-batching on (the service default): saturation runs alternating
+        # with in-process rounds of the same triple, then the p99 windows
+        service_run("recall", "served", 1, True, args.p99_windows, args.rerank, paired=True)
         floor_run("floor")
-        for mb in args.microbatch[1:]:
-            service_run(mb)
+        # 3. the baseline index (HNSW32) in the same run, same service settings: saturation
+        if lay.baseline is not None:
+            service_run("recall_hnsw", "baseline", 1, True, 0, False)
+        # 4. several workers over the served index: saturation
+        for w in args.workers:
+            if w != 1:
+                service_run(f"recall_{w}_workers", "served", w, True, 0, False)
+        if args.microbatch_off:
+            service_run("recall_mb_off", "served", 1, False, 1, False)
         floor_run("floor_again")
 
-    floors = [results[k]["saturation"]["rps"] for k in ("floor", "floor_again") if k in results]
+    floors = [runs[k]["saturation"]["rps"] for k in ("floor", "floor_again") if k in runs]
     rps_floor = round(sum(floors) / len(floors), 1)
-    floor_half = results["floor"]["half_load"]
     line |= {
         "rps_floor": rps_floor,
         "rps_floor_runs": floors,
-        "p50_ms_floor": floor_half["p50_ms"],
-        "p99_ms_floor": floor_half["p99_ms"],
+        "p50_ms_floor": runs["floor"]["half_load"]["p50_ms"],
+        "p99_ms_floor": runs["floor"]["half_load"]["p99_ms"],
     }
-    primary = "on" if "on" in args.microbatch else args.microbatch[0]
     if not args.floor_only:
-        rec = results.get(f"recall_mb_{primary}")
-        line |= summary("recall", rec) | summary("rerank", results.get(f"rerank_mb_{primary}"))
-        line["ratio"] = round(line["rps_recall"] / rps_floor, 3) if rps_floor else None
-        if "rps_rerank" in line:
-            line["ratio_rerank"] = round(line["rps_rerank"] / rps_floor, 3) if rps_floor else None
-        line["primary_microbatch"] = primary
-        line["microbatch"] = {
-            mb: summary("recall", results.get(f"recall_mb_{mb}")) | summary("rerank", results.get(f"rerank_mb_{mb}"))
-            for mb in args.microbatch
+        rec, inp = runs["recall"], runs["inprocess"]
+        rps_recall = median(rec["rps_runs"])
+        half = rec.get("half_load", {})
+        line |= {
+            "recall_served": served.get("recall@100"),
+            "index_served": f"{served.get('factory')} {json.dumps(served.get('search'), sort_keys=True)}",
+            "rps_recall": rps_recall,
+            "rps_recall_runs": rec["rps_runs"],
+            "rps_inprocess": inp["rps"],
+            "rps_inprocess_runs": inp["rps_rounds"],
+            "ratio_overhead": round(rps_recall / inp["rps"], 3) if inp["rps"] else None,
+            "ratio_overhead_pairs": inp["ratio_pairs"],
+            "p99_ms_half_load": half.get("p99_ms_median"),
+            "p99_ms_half_load_windows": half.get("p99_ms_windows"),
+            "p50_ms_half_load": half.get("p50_ms"),
+            "rate_half_load": half.get("rate"),
+            "mean_batch_recall": rec["saturation"].get("stages", {}).get("microbatch", {}).get("mean_size"),
+            "ratio_floor": round(rps_recall / rps_floor, 3) if rps_floor else None,
         }
-        for s in line["microbatch"].values():
-            if s.get("rps_recall") and rps_floor:
-                s["ratio"] = round(s["rps_recall"] / rps_floor, 3)
+        if "recall_hnsw" in runs:
+            base = facts["indexes"]["baseline"]
+            rps_hnsw = median(runs["recall_hnsw"]["rps_runs"])
+            line |= {
+                "recall_hnsw": base.get("recall@100"),
+                "index_hnsw": f"{base.get('factory')} {json.dumps(base.get('search'), sort_keys=True)}",
+                "rps_hnsw": rps_hnsw,
+                "rps_vs_hnsw": round(rps_recall / rps_hnsw, 3) if rps_hnsw else None,
+            }
+        for w in args.workers:
+            if w != 1 and f"recall_{w}_workers" in runs:
+                rw = median(runs[f"recall_{w}_workers"]["rps_runs"])
+                line |= {
+                    f"rps_recall_{w}_workers": rw,
+                    f"rps_recall_{w}_workers_runs": runs[f"recall_{w}_workers"]["rps_runs"],
+                    f"ratio_{w}_workers": round(rw / rps_recall, 3),
+                    f"connections_by_process_{w}_workers": runs[f"recall_{w}_workers"]["saturation"].get(
+                        "connections_by_process"
+                    ),
+                }
+        if "recall_rerank" in runs:
+            line |= {"rps_rerank": runs["recall_rerank"]["saturation"]["rps"],
+                     "p99_ms_rerank": runs["recall_rerank"]["half_load"]["p99_ms"]}  # fmt: skip
+        if "recall_mb_off" in runs:
+            line |= {"rps_recall_mb_off": runs["recall_mb_off"]["saturation"]["rps"],
+                     "p99_ms_recall_mb_off": runs["recall_mb_off"]["half_load"]["p99_ms"]}  # fmt: skip
+        goals = {
+            "ratio_overhead": (line["ratio_overhead"], GOAL_OVERHEAD, ">="),
+            "rps_vs_hnsw": (line.get("rps_vs_hnsw"), GOAL_VS_HNSW, ">="),
+            "p99_ms_half_load": (line["p99_ms_half_load"], GOAL_P99_MS, "<="),
+        }
         line["goal"] = (
-            f"rps_recall >= {GOAL_RATIO}x rps_floor and p99_ms_recall <= {GOAL_P99_MS:g} at {args.load:g} load"
+            f"ratio_overhead >= {GOAL_OVERHEAD}, rps_vs_hnsw >= {GOAL_VS_HNSW}, p99_ms_half_load <= {GOAL_P99_MS:g} "
+            f"(median of {args.p99_windows} windows of {args.p99_seconds:g} s at {args.load:g} x rps_recall)"
         )
-        line["goal_ratio_met"] = line["ratio"] is not None and line["ratio"] >= GOAL_RATIO
-        line["goal_p99_met"] = line["p99_ms_recall"] is not None and line["p99_ms_recall"] <= GOAL_P99_MS
-    errors = sum(r["saturation"]["errors"] + r["half_load"]["errors"] for r in results.values())
+        for key, (value, bound, op) in goals.items():
+            ok = value is not None and (value >= bound if op == ">=" else value <= bound)
+            line[f"goal_{key}_met"] = ok
+        line["goal_met"] = all(line[f"goal_{key}_met"] for key in goals)
+    # what else ran on the machine during each measured window (other processes, hypervisor steal), in % of a core
+    line["noise"] = {
+        f"{label}.{part}": {key: r[part].get(key) for key in ("others_cpu_pct", "steal_pct")}
+        for label, r in runs.items()
+        for part in ("saturation", "half_load")
+        if part in r
+    }
+    for label, r in runs.items():
+        for i, sat in enumerate(r.get("saturations", [])):
+            line["noise"][f"{label}.saturation[{i + 1}]"] = {k: sat.get(k) for k in ("others_cpu_pct", "steal_pct")}
+    if "inprocess" in runs:
+        line["noise"]["inprocess"] = {
+            key: [rd.get(key) for rd in runs["inprocess"]["rounds"]] for key in ("others_cpu_pct", "steal_pct")
+        }
+    errors = sum(r[p]["errors"] for r in runs.values() for p in ("saturation", "half_load") if p in r)
     line["errors"] = errors
     line |= {
-        "items": facts.get("index_items"),
-        "users": args.users if facts else None,
+        "items": served.get("items"),
+        "users": args.users if not args.floor_only else None,
         "k": args.k,
-        "rerank_candidates": args.rerank_candidates,
         "settings": {
             "seconds": args.seconds,
             "warmup_s": args.warmup,
             "open_warmup_s": args.open_warmup,
+            "p99_windows": args.p99_windows,
+            "p99_seconds": args.p99_seconds,
             "connections": args.connections,
             "open_connections": args.open_connections,
             "load": args.load,
@@ -727,10 +1350,13 @@ def run(args: argparse.Namespace) -> int:
             "torch_threads": args.torch_threads,
             "batch_max_size": args.batch_max_size,
             "batch_max_wait_ms": args.batch_max_wait_ms,
+            "workers": args.workers,
+            "repeats": args.repeats,
         },
-        "artifacts": facts | {"root": str(root)},
+        "artifacts": {k: v for k, v in facts.items() if k != "model_path"} | {"root": str(root)},
         "prep": prep,
         "servers": servers,
+        "wall_s": wall,
         "machine": {
             "cpus": os.cpu_count(),
             "affinity": len(os.sched_getaffinity(0)),
@@ -739,15 +1365,17 @@ def run(args: argparse.Namespace) -> int:
         },
         "measure_s": round(time.perf_counter() - measure_started, 1),
         "seconds": round(time.perf_counter() - started, 1),
-        "runs": results,
+        "runs": runs,
         "note": (
             "speed benchmark: synthetic demo catalog, DSSM trained one epoch at most (item_id hashed into "
-            f"{args.item_buckets} buckets so that unclicked items get distinct vectors) and TDM one capped pass with "
-            "popularity negatives (model quality is not measured here); the index is served at the efSearch in "
-            "artifacts.index_search, its recall@100 against exact search in artifacts.index_recall@100; latency "
-            "is from each request's scheduled send time to its last byte (open loop, fixed rate = load x that "
-            "endpoint's own saturation rps); server and load generator share the machine's cores; rps_floor is "
-            "the mean of the floor runs"
+            f"{args.item_buckets} buckets so that unclicked items get distinct vectors), model quality not measured; "
+            "every index is served at the search parameters its build tuned to the recall floor, recall@100 against "
+            "exact search on the bundle's own users (artifacts.indexes.*); rps_inprocess: the same runtime "
+            "(service.runtime.load_runtime) called directly in the batch sizes the server formed at saturation "
+            "(user state from the bundle tables as the server does without Redis, tower, search, merge, item list; "
+            "no HTTP, no JSON), median of rounds; latency from each request's scheduled send time to its last byte "
+            "(open loop, fixed rate = load x the endpoint's own saturation rps); p99_ms_half_load: median of the "
+            "windows' p99s; server, in-process child and load generator share the machine's cores"
         ),
     }
     (run_dir / "bench.json").write_text(json.dumps(line) + "\n")
