@@ -19,9 +19,9 @@ Search, by how many items pass (`Passing.exact`):
   with HNSW's candidate list widened by 1 / selectivity so that enough passing items are met), else (ScaNN) by
   over-fetching k / selectivity candidates, re-scored exactly from reorder / selectivity (the k passing items are
   among the best k / selectivity, so the re-scoring depth that reaches the recall floor unfiltered must grow by the
-  same factor: at 10% passing, recall 0.81 without it, 0.98 with it), and dropping the ones that fail. index/search.py's widening loop goes on
-  until k passing items are found or the catalog is exhausted, so either way the answer holds exactly k items
-  whenever k pass.
+  same factor: at 10% passing, recall 0.81 without it, 0.98 with it), and dropping the ones that fail.
+  index/search.py's widening loop goes on until k passing items are found or the catalog is exhausted, so either
+  way the answer holds exactly k items whenever k pass.
 """
 
 import threading
