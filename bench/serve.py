@@ -171,8 +171,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     m.add_argument(
         "--torch-threads",
         type=int,
-        default=len(os.sched_getaffinity(0)),
-        help="QUIVER_TORCH_THREADS and OMP_NUM_THREADS of every process (default: the cores, the service's default)",
+        default=1,
+        help="QUIVER_TORCH_THREADS and OMP_NUM_THREADS of every process (default %(default)s, the service's default)",
     )
     m.add_argument("--batch-max-size", type=int, default=None, help="QUIVER_BATCH_MAX_SIZE (default: the service's)")
     m.add_argument("--batch-max-wait-ms", type=float, default=None, help="QUIVER_BATCH_MAX_WAIT_MS")

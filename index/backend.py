@@ -11,6 +11,7 @@ it is held (bundles, upserts, the tools that clone or inspect one) and `as_searc
 search needs the interface: its search parameters live in the FAISS object.
 """
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -145,15 +146,22 @@ def files_of(backend: str) -> tuple[str, ...]:
     raise QuiverError(f"unknown index backend {backend!r} (faiss, scann)")
 
 
-def open_index(folder: Path, manifest: dict[str, Any]) -> "faiss.Index | Searcher":
+def open_index(folder: Path, manifest: dict[str, Any], mmap: bool = False) -> "faiss.Index | Searcher":
     """The index saved in a bundle folder whose checksums were verified (a FAISS index, or ScaNN's searcher);
-    refuses what its library cannot read."""
+    refuses what its library cannot read.
+
+    mmap: map a FAISS index's codes (flat storage, IVF lists, HNSW's vectors) read-only from the file instead of
+    copying them, so worker processes serving one bundle share those pages; the index must then never be written
+    (the service only searches). A layout FAISS cannot map is read into memory as usual."""
     backend = str(manifest["index"].get("backend", "faiss"))  # bundles from before ScaNN name no backend
     files_of(backend)
     if backend == "scann":
         from index.scann_backend import load
 
         return load(folder, int(manifest["dim"]))
+    if mmap:
+        with contextlib.suppress(RuntimeError):
+            return faiss.read_index(str(folder / FAISS_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
     try:
         index = faiss.read_index(str(folder / FAISS_FILE))
     except RuntimeError as err:

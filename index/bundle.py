@@ -166,10 +166,12 @@ def load_index(
     model_version: str | None = None,
     model_manifest: dict[str, Any] | None = None,
     verify: bool = True,
+    mmap: bool = False,
 ) -> IndexBundle:
     """Load an index bundle (a version folder, or a name folder via CURRENT), refusing anything that fails to verify.
 
-    `model_manifest` (or just `model_version`) is the model it will be paired with: any mismatch is refused."""
+    `model_manifest` (or just `model_version`) is the model it will be paired with: any mismatch is refused.
+    `mmap`: a read-only, memory-mapped FAISS index (index.backend.open_index), for processes that only search."""
     p = resolve_index(path)
     manifest = read_index_manifest(p)
     if verify:
@@ -181,7 +183,7 @@ def load_index(
             f"{p / MANIFEST}: built for model version {manifest['model']['version']}, "
             f"the loaded model is version {model_version}"
         )
-    index = open_index(p, manifest)
+    index = open_index(p, manifest, mmap)
     try:
         ids = np.load(p / IDS_FILE, allow_pickle=False)
     except (ValueError, OSError) as err:

@@ -11,6 +11,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.settings import Settings
+from service.workers import APP, balanced, supervise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,15 +30,11 @@ def main(argv: list[str] | None = None) -> int:
             name = "QUIVER_" + "_".join(str(x) for x in e["loc"]).upper()
             print(f"quiver-serve: {name}: {e['msg']}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        access_log=False,  # per-request log lines cost more than the request at this scale; /metrics has the counts
-    )
+    # per-request log lines cost more than the request at this scale; /metrics has the counts
+    options = {"log_level": settings.log_level, "access_log": False}
+    if settings.workers > 1 and balanced():
+        return supervise(settings.workers, settings.host, settings.port, options)
+    uvicorn.run(APP, factory=True, host=settings.host, port=settings.port, workers=settings.workers, **options)
     return 0
 
 

@@ -215,7 +215,7 @@ def load_runtime(target: Target, device: str = "cpu") -> Runtime:
     """Load and verify the triple, then warm it; raises QuiverError if any part fails verification or pairing."""
     model = load_bundle(target.model, device=device)
     retriever_model(model)
-    index = load_index(target.index, model_manifest=model.manifest)
+    index = load_index(target.index, model_manifest=model.manifest, mmap=True)  # workers share its pages
     ranker = Ranker(load_bundle(target.ranker, device=device), device=device) if target.ranker else None
     rt = Runtime(model, index, ranker)
     rt.warm()

@@ -3,20 +3,11 @@
 Read once at start-up; a test or a benchmark builds `Settings(...)` directly and hands it to `create_app`.
 """
 
-import os
 from pathlib import Path
 from typing import Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-
-def available_cores() -> int:
-    """CPUs this process may run on (a container's cpuset, not the host's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class Settings(BaseSettings):
@@ -50,7 +41,10 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
     log_level: str = "info"
 
-    torch_threads: int = Field(default_factory=available_cores, ge=1, description="torch and FAISS threads")
+    # One by default: the model thread's micro-batches are small, and each extra OpenMP thread spins on the core the
+    # event loop needs (bench/README "serve.py": p99 at half load 19 ms with 2 threads, 8 ms with 1, on 2 cores).
+    # More throughput per machine comes from QUIVER_WORKERS, one process per core.
+    torch_threads: int = Field(1, ge=1, description="torch and FAISS threads of the model thread")
     microbatch: bool = Field(True, description="batch concurrent /recall requests into one tower pass and search")
     batch_max_size: int = Field(64, ge=1, description="requests per micro-batch at most")
     batch_max_wait_ms: float = Field(

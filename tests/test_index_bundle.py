@@ -298,3 +298,25 @@ def test_multi_interest_model_end_to_end(demo_dir: Path, tmp_path: Path) -> None
         assert len(user_hits) == 10
         np.testing.assert_allclose([h.score for h in user_hits], want, rtol=1e-5, atol=1e-6)
         assert all(mask[b][h.interest] for h in user_hits)  # credited to an active interest
+
+
+def _mapped(path: Path) -> bool:
+    """Whether this process maps the file (Linux /proc)."""
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to see the mapping")
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,SQ8", "HNSW16,Flat"])
+def test_mmap_load_searches_like_a_copy_and_maps_the_file(model: ModelBundle, tmp_path: Path, factory: str) -> None:
+    """What the service loads (mmap=True): the codes stay in the file's pages, shared by every worker process that
+    serves the bundle, and every search answers exactly as from a copy in memory."""
+    result = build(model.path, tmp_path, _opts(factory, allow_low_recall=True), NO_REDIS, bundle=model)
+    copy = load_index(result.path, model_version=model.version)
+    assert not _mapped(result.path / INDEX_FILE)
+    mapped = load_index(result.path, model_version=model.version, mmap=True)
+    assert _mapped(result.path / INDEX_FILE)
+    queries = query_vectors(model, 40, seed=3)
+    got, want = mapped.index.search(queries, 20), copy.index.search(queries, 20)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert mapped.manifest["index"]["search"] == copy.manifest["index"]["search"]

@@ -1,15 +1,21 @@
-"""Two worker processes (QUIVER_WORKERS=2) behind one port: both serve, and a hot swap asked of one reaches both.
+"""Two worker processes (QUIVER_WORKERS=2) behind one port: both serve, keep-alive connections spread evenly over
+them, a worker that dies is replaced without a failed request, and a hot swap asked of one reaches both.
 
-A real `quiver-serve` process with a real redis-server; each fresh connection lands on whichever worker accepts it,
-so many fresh connections sample both."""
+A real `quiver-serve` process with a real redis-server; each worker listens on its own SO_REUSEPORT socket and the
+kernel assigns each fresh connection to one of them by its addresses, so many fresh connections sample both."""
 
+import os
+import signal
+import socket
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from service.workers import balanced
 from tests.serving import Tree, quiver_serve
 
 TOKEN = {"X-Quiver-Admin-Token": "s3cret"}
@@ -46,3 +52,75 @@ def test_an_admin_reload_reaches_both_workers(two_workers: tuple[Tree, str]) -> 
         time.sleep(0.2)
     recall = httpx.post(f"{url}/recall", json={"user_id": "u001", "k": 7}, timeout=30)
     assert recall.status_code == 200 and len(recall.json()["items"]) == 7
+
+
+def _server_side(port: int) -> Counter[int]:
+    """Established connections whose local port is `port`, by the process holding them (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            f = row.split()
+            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 01: ESTABLISHED
+                inodes.add(f[9])
+    held: Counter[int] = Counter()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            links = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except OSError:
+            continue
+        held[int(proc.name)] += sum(link.startswith("socket:[") and link[8:-1] in inodes for link in links)
+    return +held
+
+
+def _keep_alive(port: int, n: int) -> list[socket.socket]:
+    """n connections, each answered once (so a worker has accepted it) and kept open."""
+    conns = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        conns.append(s)
+    return conns
+
+
+@pytest.mark.skipif(not balanced(), reason="SO_REUSEPORT balancing is Linux-only (elsewhere uvicorn's workers run)")
+def test_keep_alive_connections_spread_over_both_workers(two_workers: tuple[Tree, str]) -> None:
+    _, url = two_workers
+    port = int(url.rsplit(":", 1)[1])
+    conns = _keep_alive(port, 32)
+    try:
+        held = _server_side(port)
+    finally:
+        for s in conns:
+            s.close()
+    # one socket per worker, connections hashed over them: each worker holds a fair share (uvicorn's shared socket
+    # gave 29/3 and 32/0); P(a binomial(32, 1/2) share < 6) is about 1e-4
+    assert len(held) == 2 and sum(held.values()) == 32, held
+    assert min(held.values()) >= 6, held
+
+
+@pytest.mark.skipif(not balanced(), reason="the SO_REUSEPORT supervisor is Linux-only")
+def test_a_killed_worker_is_replaced_and_no_request_fails(two_workers: tuple[Tree, str]) -> None:
+    _, url = two_workers
+    port = int(url.rsplit(":", 1)[1])
+    conns = _keep_alive(port, 16)
+    before = set(_server_side(port))
+    for s in conns:
+        s.close()
+    assert len(before) == 2
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:  # fresh connections meanwhile: the survivor's socket takes them all, none is refused or fails
+        r = httpx.post(f"{url}/recall", json={"user_id": "u001", "k": 5}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["items"]) == 5
+        conns = _keep_alive(port, 16)
+        now = set(_server_side(port))
+        for s in conns:
+            s.close()
+        if len(now) == 2 and victim not in now:
+            break  # the replacement listens and takes its share
+        assert time.monotonic() < deadline, f"no replacement worker after 60 s: {now}"
+        time.sleep(0.2)
