@@ -7,7 +7,9 @@ one of the listening sockets by a hash of its addresses, so the workers get an e
 
 Each worker binds its socket at start (a port in use fails at once) but listens only once its lifespan has loaded
 and warmed the triple, so no connection is ever queued on a worker that cannot answer it yet; a worker that dies
-takes its socket with it, the others take all new connections until this supervisor has restarted it.
+takes its socket with it, the others take all new connections until this supervisor has restarted it. (The price:
+connections the dying worker had not yet accepted are reset with it, like the ones it was answering; uvicorn's
+shared socket would have kept those queued for the other worker.)
 """
 
 import logging
@@ -55,9 +57,13 @@ def _worker(host: str, port: int, options: dict[str, Any]) -> None:
         sys.exit(STARTUP_FAILURE)
 
 
+QUICK_EXIT_S = 10.0  # a worker gone this soon after its start counts towards a crash loop
+MAX_QUICK_EXITS = 3  # in a row, in one slot: the supervisor gives up (exit 1) rather than restart forever
+
+
 def supervise(workers: int, host: str, port: int, options: dict[str, Any], poll_s: float = 0.5) -> int:
-    """Run `workers` processes until SIGINT/SIGTERM, restarting any that dies after it started; 1 if one fails to
-    start (a bad port or app would fail the same way on every restart)."""
+    """Run `workers` processes until SIGINT/SIGTERM, restarting any that dies; 1 if one fails to start (a port in
+    use or a broken app would fail the same way on every restart) or keeps dying within seconds of its start."""
     logging.basicConfig(level=str(options.get("log_level", "info")).upper(), format="%(levelname)s:     %(message)s")
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter each: no torch/OpenMP state forked
 
@@ -70,6 +76,8 @@ def supervise(workers: int, host: str, port: int, options: dict[str, Any], poll_
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     procs = [start() for _ in range(workers)]
+    started = [time.monotonic()] * workers
+    quick_exits = [0] * workers
     log.info(
         "supervising %d workers on %s:%d (one SO_REUSEPORT socket each): %s",
         workers,
@@ -82,13 +90,14 @@ def supervise(workers: int, host: str, port: int, options: dict[str, Any], poll_
         for i, proc in enumerate(procs):
             if proc.is_alive():
                 continue
-            if proc.exitcode == STARTUP_FAILURE:
-                log.error("worker %s failed to start (exit %s): stopping", proc.pid, proc.exitcode)
+            quick_exits[i] = quick_exits[i] + 1 if time.monotonic() - started[i] < QUICK_EXIT_S else 0
+            if proc.exitcode == STARTUP_FAILURE or quick_exits[i] >= MAX_QUICK_EXITS:
+                log.error("worker %s failed to start or keeps dying (exit %s): stopping", proc.pid, proc.exitcode)
                 rc = 1
                 stop.set()
                 break
             log.warning("worker %s exited (%s): restarting it", proc.pid, proc.exitcode)
-            procs[i] = start()
+            procs[i], started[i] = start(), time.monotonic()
     for proc in procs:
         if proc.is_alive():
             proc.terminate()  # SIGTERM: uvicorn finishes the requests in flight, then exits

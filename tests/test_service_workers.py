@@ -7,6 +7,7 @@ kernel assigns each fresh connection to one of them by its addresses, so many fr
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from service.workers import balanced
-from tests.serving import Tree, quiver_serve
+from tests.serving import BIN, Tree, quiver_serve
 
 TOKEN = {"X-Quiver-Admin-Token": "s3cret"}
 
@@ -74,6 +75,15 @@ def _server_side(port: int) -> Counter[int]:
     return +held
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a killed worker's sockets are closed once it is a zombie, before its parent reaps it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _keep_alive(port: int, n: int) -> list[socket.socket]:
     """n connections, each answered once (so a worker has accepted it) and kept open."""
     conns = []
@@ -113,6 +123,9 @@ def test_a_killed_worker_is_replaced_and_no_request_fails(two_workers: tuple[Tre
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60
+    while _alive(victim):  # connections hashed to its socket while it dies are reset, as in-flight ones are
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     while True:  # fresh connections meanwhile: the survivor's socket takes them all, none is refused or fails
         r = httpx.post(f"{url}/recall", json={"user_id": "u001", "k": 5}, timeout=30)
         assert r.status_code == 200 and len(r.json()["items"]) == 5
@@ -124,3 +137,16 @@ def test_a_killed_worker_is_replaced_and_no_request_fails(two_workers: tuple[Tre
             break  # the replacement listens and takes its share
         assert time.monotonic() < deadline, f"no replacement worker after 60 s: {now}"
         time.sleep(0.2)
+
+
+@pytest.mark.skipif(not balanced(), reason="the SO_REUSEPORT supervisor is Linux-only")
+def test_a_port_in_use_stops_the_supervisor_with_an_error(tmp_path: Path) -> None:
+    """Every restart would fail the same way: the supervisor exits non-zero instead of restarting forever."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # no SO_REUSEPORT: nobody else may bind it
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = os.environ | {"QUIVER_ARTIFACTS": str(tmp_path), "QUIVER_PORT": str(port), "QUIVER_WORKERS": "2"}
+        done = subprocess.run([str(BIN / "quiver-serve")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"cannot bind 127.0.0.1:{port}" in done.stderr
