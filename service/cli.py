@@ -1,6 +1,7 @@
 """`quiver-serve`: uvicorn with the QUIVER_* settings (README, "Service settings").
 
 Flags override the environment for a quick local run; everything else is an environment variable, as in a container.
+Several workers on Linux run under service/workers.py's supervisor (a socket per worker), elsewhere under uvicorn's.
 """
 
 import argparse
