@@ -16,8 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from index.bundle import INDEX_FILE
+from service.runtime import find_target, load_runtime
 from service.workers import balanced
-from tests.serving import BIN, Tree, quiver_serve
+from tests.serving import BIN, Tree, quiver_serve, settings
 
 TOKEN = {"X-Quiver-Admin-Token": "s3cret"}
 
@@ -150,3 +152,13 @@ def test_a_port_in_use_stops_the_supervisor_with_an_error(tmp_path: Path) -> Non
         done = subprocess.run([str(BIN / "quiver-serve")], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert f"cannot bind 127.0.0.1:{port}" in done.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to see the mapping")
+def test_the_served_faiss_index_is_memory_mapped(serving_tree: Tree, tmp_path: Path) -> None:
+    """What lets workers share the index's pages: the service's loader maps the file instead of copying it."""
+    tree = serving_tree.copy(tmp_path / "artifacts")  # file paths no other test in this process has mapped
+    rt = load_runtime(find_target(settings(tree)))
+    served = (tree.root / "indexes" / "tiny" / rt.index.version / INDEX_FILE).resolve()
+    assert served.is_file() and str(served) in Path("/proc/self/maps").read_text()
+    assert rt.recall([])[0] == []  # and it serves
