@@ -5,6 +5,7 @@ uvicorn --factory service.app:create_app      (what `quiver-serve` runs, setting
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             executor.shutdown(wait=True)
             if store is not None:
                 await store.close()
+            gc.unfreeze()  # what the swaps froze (service/reload.py settle_heap) is collectable again
 
     docs = settings.docs
     app = FastAPI(

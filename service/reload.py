@@ -16,6 +16,7 @@ counted (`quiver_reload_loop_errors_total`) and the loop goes on; the listener r
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -45,6 +46,20 @@ class ReloadOutcome:
 def _describe(err: BaseException) -> str:
     text = str(err) if isinstance(err, QuiverError) else f"{type(err).__name__}: {err}"
     return text.replace("\n", " ")[:1000]
+
+
+def settle_heap() -> None:
+    """Keep the cyclic garbage collector off the loaded triple, once per swap.
+
+    A full (generation 2) collection walks every tracked object, and a loaded triple holds a few hundred thousand of
+    them: 88-95 ms per pass in a server of the 1M-item serve-bench triple, which ran ten of them in 40 s of load,
+    each a pause for every request in flight (saturation p99 114 ms; 32 ms with this). Objects alive now (the new
+    runtime, and the old one while its last requests finish) go to the permanent generation, which collections skip
+    (then ~1.3 ms a pass); what the previous swap froze is unfrozen and collected first, so an old runtime caught in
+    reference cycles is freed here rather than kept for good."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class RuntimeHolder:
@@ -83,6 +98,7 @@ class RuntimeHolder:
             except Exception as err:
                 return self._refuse(_describe(err), target.versions, served)
             self.current = rt  # the swap: one reference assignment
+            settle_heap()
             self.refusal = None
             self._publish_metrics(rt)
             self.metrics.reloads.labels("reloaded").inc()

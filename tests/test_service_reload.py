@@ -1,8 +1,11 @@
 """Hot swap: reloads under load, refusal of damaged bundles, and reloads triggered by the Redis publish channel."""
 
+import asyncio
+import gc
 import json
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +18,9 @@ from index.bundle import INDEX_FILE
 from index.options import BuildOptions, PublishOptions
 from index.publish import channel, notify
 from models.bundle import sha256_file
+from service.metrics import Metrics
+from service.reload import RuntimeHolder
+from service.runtime import Runtime
 from tests.serving import Tree, running, settings
 
 TOKEN = {"X-Quiver-Admin-Token": "s3cret"}
@@ -259,3 +265,32 @@ def test_the_listener_survives_a_broken_bundle_and_serves_the_next_valid_one(
         version = _publish_valid(tree, redis_url)  # announced on the channel; polling is off in these settings
         _wait(lambda: client.get("/readyz").json()["index_version"] == version, "the listener died: publish unheard")
         probe.close()
+
+
+def test_a_swap_keeps_the_served_runtime_out_of_the_collector_and_frees_the_old_one(
+    serving_tree: Tree, tmp_path: Path
+) -> None:
+    """A full collection walks every tracked object; the loaded triple's are frozen at each swap (service/reload.py
+    settle_heap), and the runtime swapped out goes when its last user does, cycles or not."""
+    tree = serving_tree.copy(tmp_path / "artifacts")
+    tree.point(0)
+    holder = RuntimeHolder(settings(tree), Metrics())
+
+    async def swaps() -> weakref.ref[Runtime]:
+        assert (await holder.reload()).status == "reloaded"
+        first = holder.current
+        assert first is not None
+        tracked = {id(o) for o in gc.get_objects()}  # the generations a collection walks, not the frozen one
+        assert id(first) not in tracked and id(first.retriever) not in tracked
+        old = weakref.ref(first)
+        del first
+        tree.point(1)
+        assert (await holder.reload()).status == "reloaded"
+        return old
+
+    try:
+        old = asyncio.run(swaps())
+        assert holder.current is not None and id(holder.current) not in {id(o) for o in gc.get_objects()}
+        assert old() is None
+    finally:
+        gc.unfreeze()  # as the app's shutdown does: the interpreter's exit collects what was frozen
