@@ -118,6 +118,14 @@ def settings_from_env(env: dict[str, str]) -> Settings:
     return Settings(**{key.removeprefix("QUIVER_").lower(): v for key, v in env.items() if key.startswith("QUIVER_")})
 
 
+PROC_MAPS = Path("/proc/self/maps")  # Linux: what this process has mapped
+
+
+def mapped(path: Path) -> bool:
+    """Whether this process has the file memory-mapped."""
+    return str(path.resolve()) in PROC_MAPS.read_text()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ from models.bundle import ModelBundle, load_bundle
 from models.errors import QuiverError
 from models.inputs import item_vectors, user_vectors
 from models.publish import locked, retain, staging, versions, write_pointer
-from tests.conftest import tiny_config
+from tests.conftest import PROC_MAPS, mapped, tiny_config
 from training.config import parse_config
 from training.trainer import fit
 
@@ -300,23 +300,18 @@ def test_multi_interest_model_end_to_end(demo_dir: Path, tmp_path: Path) -> None
         assert all(mask[b][h.interest] for h in user_hits)  # credited to an active interest
 
 
-def _mapped(path: Path) -> bool:
-    """Whether this process maps the file (Linux /proc)."""
-    return str(path.resolve()) in Path("/proc/self/maps").read_text()
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to see the mapping")
+@pytest.mark.skipif(not PROC_MAPS.exists(), reason="needs Linux /proc to see the mapping")
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,SQ8", "HNSW16,Flat"])
 def test_mmap_load_searches_like_a_copy_and_maps_the_file(model: ModelBundle, tmp_path: Path, factory: str) -> None:
     """What the service loads (mmap=True): the codes stay in the file's pages, shared by every worker process that
     serves the bundle, and every search answers exactly as from a copy in memory."""
     result = build(model.path, tmp_path, _opts(factory, allow_low_recall=True), NO_REDIS, bundle=model)
     copy = load_index(result.path, model_version=model.version)
-    assert not _mapped(result.path / INDEX_FILE)
-    mapped = load_index(result.path, model_version=model.version, mmap=True)
-    assert _mapped(result.path / INDEX_FILE)
+    assert not mapped(result.path / INDEX_FILE)
+    shared = load_index(result.path, model_version=model.version, mmap=True)
+    assert mapped(result.path / INDEX_FILE)
     queries = query_vectors(model, 40, seed=3)
-    got, want = mapped.index.search(queries, 20), copy.index.search(queries, 20)
+    got, want = shared.index.search(queries, 20), copy.index.search(queries, 20)
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
-    assert mapped.manifest["index"]["search"] == copy.manifest["index"]["search"]
+    assert shared.manifest["index"]["search"] == copy.manifest["index"]["search"]
