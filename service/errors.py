@@ -12,20 +12,14 @@ from typing import Any
 import orjson
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.responses import JSON
 from service.schemas import ErrorBody
 
 log = logging.getLogger("quiver.service")
-
-
-class JSON(JSONResponse):
-    """orjson-encoded JSON, for the error handlers (the routes return their typed response models)."""
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
 
 
 # What each status means where a route can return it; the body is always `ErrorBody`.

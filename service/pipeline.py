@@ -25,9 +25,7 @@ from service.schemas import (
     EventsResponse,
     FilterRange,
     RankRequest,
-    RankResponse,
     RecallRequest,
-    RecallResponse,
     ScoredItem,
     UserInput,
 )
@@ -93,6 +91,7 @@ async def user_state(svc: Services, rt: Runtime, req: UserInput, tower: bool = T
 
 
 def _answer(rt: Runtime, state: UserState, unknown: dict[str, list[str]], ignored: list[str]) -> dict[str, Any]:
+    """The fields every answer shares (schemas.Answer, in its field order)."""
     model_version, index_version, ranker_version = rt.versions
     return {
         "model_version": model_version,
@@ -105,7 +104,8 @@ def _answer(rt: Runtime, state: UserState, unknown: dict[str, list[str]], ignore
     }
 
 
-async def recall(svc: Services, rt: Runtime, req: RecallRequest) -> RecallResponse:
+async def recall(svc: Services, rt: Runtime, req: RecallRequest) -> dict[str, Any]:
+    """A RecallResponse body as a plain dict (service/responses.py says why)."""
     if req.model is not None and req.model != rt.model.name:
         raise field_error(404, ["body", "model"], f"model {req.model!r} is not loaded (serving {rt.model.name!r})")
     if req.rerank and rt.ranker is None:
@@ -131,12 +131,12 @@ async def recall(svc: Services, rt: Runtime, req: RecallRequest) -> RecallRespon
     else:
         found = (await svc.on_model_thread(recall_batch, svc.metrics, rt, [job]))[0]
     body = _answer(rt, state, unknown, ignored)
-    if flt is not None:  # cached by the search that just ran
-        body["filter_matches"] = rt.passing(flt).count
+    # cached by the search that just ran
+    matches = rt.passing(flt).count if flt is not None else None
     items: list[ScoredItem]
     if not req.rerank:
         items = [{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*found, strict=True)]
-        return RecallResponse.model_construct(**body, items=items)
+        return {**body, "items": items, "filter_matches": matches}
     retrieved = {i: (s, t) for i, s, t in zip(*found, strict=True)}
     t0 = time.perf_counter()
     ranked, unscorable = await svc.on_model_thread(rt.rank, state, found.item_ids, req.k)
@@ -146,10 +146,11 @@ async def recall(svc: Services, rt: Runtime, req: RecallRequest) -> RecallRespon
     ]
     if unscorable:
         body["unknown_items"] = {**(body["unknown_items"] or {}), "rerank": unscorable}
-    return RecallResponse.model_construct(**body, items=items)
+    return {**body, "items": items, "filter_matches": matches}
 
 
-async def rank(svc: Services, rt: Runtime, req: RankRequest) -> RankResponse:
+async def rank(svc: Services, rt: Runtime, req: RankRequest) -> dict[str, Any]:
+    """A RankResponse body as a plain dict."""
     if rt.ranker is None:
         raise HTTPException(503, detail="no ranker loaded (set QUIVER_RANKER)")
     state, ignored = await user_state(svc, rt, req, tower=False)
@@ -159,7 +160,7 @@ async def rank(svc: Services, rt: Runtime, req: RankRequest) -> RankResponse:
     hist_unknown = [h for h in state.history if h not in rt.ranker.item_row] if req.history else []
     body = _answer(rt, state, {"candidates": unknown, "history": hist_unknown}, ignored)
     items: list[ScoredItem] = [{"item_id": i, "score": s} for i, s in ranked]
-    return RankResponse.model_construct(**body, items=items)
+    return {**body, "items": items}
 
 
 async def events(svc: Services, req: EventsRequest) -> EventsResponse:

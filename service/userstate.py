@@ -66,14 +66,20 @@ class BundleUsers:
         self.table = users
         self.row = {str(u): i for i, u in enumerate(users["user_id"].to_pylist())}
         self._types = {c: users.schema.field(c).type for c in self.columns if c in users.column_names}
+        # one contiguous array per column read on every request: a row is a few scalar reads, not a table slice
+        # (20 µs, most of it converting columns nobody reads, on the event loop)
+        present = [c for c in self.columns if c != "user_id" and c in users.column_names]
+        self._profile = {c: users[c].combine_chunks() for c in present}
+        self._history = users["history"].combine_chunks() if "history" in users.column_names else None
 
     def get(self, user_id: str) -> tuple[dict[str, Any], list[str]] | None:
         r = self.row.get(user_id)
         if r is None:
             return None
-        rec = self.table.slice(r, 1).to_pylist()[0]
-        profile = {c: rec.get(c) for c in self.columns if c != "user_id"}
-        return profile, [str(x) for x in rec.get("history") or []]
+        cols = self._profile
+        profile = {c: cols[c][r].as_py() if c in cols else None for c in self.columns if c != "user_id"}
+        history = self._history[r].as_py() if self._history is not None else None
+        return profile, [str(x) for x in history or []]
 
     def times(self, user_id: str) -> list[int] | None:
         """The stored history's click times, where the bundle kept them (models that read them)."""

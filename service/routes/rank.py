@@ -5,12 +5,13 @@ from fastapi import APIRouter
 from service import pipeline
 from service.deps import RuntimeDep, ServicesDep
 from service.errors import error_responses
+from service.responses import JSON
 from service.schemas import RankRequest, RankResponse
 
 router = APIRouter(tags=["retrieval"])
 
 
-@router.post("/rank", responses=error_responses(408, 413, 422, 503))
-async def rank(req: RankRequest, svc: ServicesDep, rt: RuntimeDep) -> RankResponse:
+@router.post("/rank", response_model=RankResponse, responses=error_responses(408, 413, 422, 503))
+async def rank(req: RankRequest, svc: ServicesDep, rt: RuntimeDep) -> JSON:
     """The given candidates in the TDM ranker's order (unknown ids reported, not scored)."""
-    return await pipeline.rank(svc, rt, req)
+    return JSON(await pipeline.rank(svc, rt, req))  # a RankResponse body

@@ -5,12 +5,13 @@ from fastapi import APIRouter
 from service import pipeline
 from service.deps import RuntimeDep, ServicesDep
 from service.errors import error_responses
+from service.responses import JSON
 from service.schemas import RecallRequest, RecallResponse
 
 router = APIRouter(tags=["retrieval"])
 
 
-@router.post("/recall", responses=error_responses(404, 408, 413, 422, 503))
-async def recall(req: RecallRequest, svc: ServicesDep, rt: RuntimeDep) -> RecallResponse:
+@router.post("/recall", response_model=RecallResponse, responses=error_responses(404, 408, 413, 422, 503))
+async def recall(req: RecallRequest, svc: ServicesDep, rt: RuntimeDep) -> JSON:
     """The user's top-k items from the index, optionally reordered by the TDM ranker (`rerank`)."""
-    return await pipeline.recall(svc, rt, req)
+    return JSON(await pipeline.recall(svc, rt, req))  # a RecallResponse body
