@@ -135,7 +135,8 @@ class Runtime:
         return known, unknown
 
     def labels(self, item_ids: Sequence[str]) -> list[int]:
-        return [self.rows[i] for i in item_ids if i in self.rows]
+        rows = self.rows
+        return [r for i in item_ids if (r := rows.get(i)) is not None]
 
     def popular(self, fetch: int, exclude: Sequence[str], passing: Passing | None = None) -> Found:
         """The most popular items not excluded (and passing the filter): the answer for a user nobody knows."""
