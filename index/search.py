@@ -74,9 +74,9 @@ def _take_single(
     excluded = [u * (n + 1) + 1 + banned[u] for u in users.tolist() if banned[u].size]
     if excluded:  # key = user * (n + 1) + label + 1 is unique per (user, label), padding included
         keys = users[:, None] * (n + 1) + 1 + labels
-        out = np.sort(np.concatenate(excluded))
+        gone = np.sort(np.concatenate(excluded))  # the excluded keys
         # membership by binary search: np.isin sorts keys and exclusions together, 5x slower at these sizes
-        keep &= out[np.minimum(np.searchsorted(out, keys), out.size - 1)] != keys
+        keep &= gone[np.minimum(np.searchsorted(gone, keys), gone.size - 1)] != keys
     keep &= np.cumsum(keep, axis=1) <= k
     short = []
     zeros = np.zeros(k, dtype=np.int64)
