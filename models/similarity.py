@@ -100,13 +100,31 @@ def labels_for(logits: torch.Tensor, in_batch: bool) -> torch.Tensor:
 
 def softmax_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax cross-entropy; weighted as mean(ce * w) / mean(w), and 0 when the weights sum to 0."""
-    ce = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+    return weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weights)  # of (B,)
+
+
+def weighted_mean(per_row: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """mean(x * w) / mean(w): scaling every weight changes nothing; 0 (with a zero gradient) when they sum to 0."""
     if weights is None:
-        return ce.mean()
+        return per_row.mean()
     w_mean = weights.mean()
     if w_mean.item() == 0:
-        return (ce * 0).sum()
-    return (ce * weights).mean() / w_mean
+        return (per_row * 0).sum()
+    return (per_row * weights).mean() / w_mean
+
+
+def bpr_loss(logits: torch.Tensor, labels: torch.Tensor, num: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Pairwise ranking term: each row's label logit against `num` of its columns drawn uniformly, as
+    -log sigmoid(s_pos - s_neg) = softplus(s_neg - s_pos), averaged (weighted like softmax_loss).
+
+    The softmax spends its gradient on the columns the model already scores high (the hard, mostly popular ones);
+    this term spends it on a uniform draw, which is what the sampled protocols rank the positive against (NCF: 99
+    random unseen items). A drawn column that is the label contributes softplus(0) with zero gradient; a masked
+    collision (-inf) contributes 0."""
+    r, c = logits.shape
+    cols = torch.randint(0, c, (r, num), device=logits.device)  # (R, m)
+    pos = logits.gather(1, labels[:, None])  # (R, 1)
+    return weighted_mean(F.softplus(logits.gather(1, cols) - pos).mean(dim=1), weights)  # of (R,)
 
 
 def recall_at_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from models.embedding import FeatureEmbedding
 from models.features import FeatureConfig, FeatureGroups
 from models.mlp import MLP, TowerConfig
 from models.registry import build_model
-from models.similarity import hard_block, labels_for, recall_at_k, similarity, softmax_loss
+from models.similarity import bpr_loss, hard_block, labels_for, recall_at_k, similarity, softmax_loss
 
 # ---------------------------------------------------------------- similarity layouts
 
@@ -359,3 +359,45 @@ def test_recall_at_k_counts_a_tie_with_the_target_as_a_hit() -> None:
     m = torch.finfo(torch.float32).min
     floor_row = torch.tensor([[-5.0, -6.0, m, m]])
     assert recall_at_k(floor_row, labels_for(floor_row, False), k=1) == (1, 1)
+
+
+def test_bpr_loss_by_hand() -> None:
+    # One row, two columns: label 0 at logit 2, the other at 0. Every draw is column 0 (the label: softplus(0), no
+    # gradient) or column 1 (softplus(0 - 2) = log(1 + e^-2)); the loss is the mean over the drawn columns.
+    logits = torch.tensor([[2.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0])
+    torch.manual_seed(0)
+    cols = torch.randint(0, 2, (1, 64))
+    torch.manual_seed(0)
+    loss = bpr_loss(logits, labels, 64)
+    n1 = int((cols == 1).sum())
+    expected = (n1 * math.log(1 + math.exp(-2)) + (64 - n1) * math.log(2)) / 64
+    assert 0 < n1 < 64
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # d/ds1 = sigmoid(s1 - s0) per draw of column 1; the label's own draws cancel (d/ds0 only from column 1 draws)
+    g = 1 / (1 + math.exp(2)) * n1 / 64
+    assert logits.grad is not None
+    assert logits.grad[0, 1].item() == pytest.approx(g, rel=1e-5)
+    assert logits.grad[0, 0].item() == pytest.approx(-g, rel=1e-5)
+
+
+def test_bpr_loss_weights_and_masked_columns() -> None:
+    # A masked collision (-inf) adds nothing; zero-weight rows add nothing; scaling the weights changes nothing.
+    logits = torch.tensor([[1.0, float("-inf")], [0.0, 3.0]])
+    labels = torch.tensor([0, 0])
+    torch.manual_seed(1)
+    first = bpr_loss(logits[:1], labels[:1], 32)
+    torch.manual_seed(1)
+    cols = torch.randint(0, 2, (1, 32))
+    assert first.item() == pytest.approx(float((cols == 0).sum()) * math.log(2) / 32, rel=1e-6)
+    w = torch.tensor([1.0, 0.0])
+    torch.manual_seed(2)
+    a = bpr_loss(logits, labels, 32, w)
+    torch.manual_seed(2)
+    b = bpr_loss(logits, labels, 32, w * 7)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    torch.manual_seed(2)
+    both = torch.randint(0, 2, (2, 32))
+    assert a.item() == pytest.approx(float((both[0] == 0).sum()) * math.log(2) / 32, rel=1e-6)
+    assert bpr_loss(logits, labels, 8, torch.zeros(2)).item() == 0.0

@@ -9,6 +9,7 @@ import torch
 
 from models.bundle import load_bundle
 from models.errors import QuiverError
+from models.similarity import softmax_loss
 from tests.conftest import tiny_config
 from training.compare import load_per_user, paired_difference
 from training.config import parse_config
@@ -100,3 +101,26 @@ def test_sampled_valid_metric_without_a_negatives_file_is_a_config_error(demo_di
     cfg = parse_config(tiny_config(demo_dir, tmp_path / "models", valid_metric="sampled_HR@10"), "test")
     with pytest.raises(QuiverError, match=r"train\.valid_metric"):
         Trainer(cfg)
+
+
+def test_bpr_term_adds_to_the_step_loss(demo_dir: Path, tmp_path: Path) -> None:
+    # The same first batch, the same weights: with bpr_weight the step's loss is the softmax loss plus the weighted
+    # pairwise term (positive, since every term is a softplus), and 0 leaves it the softmax alone.
+    losses = []
+    for weight in (0.0, 2.0):
+        extra = {"bpr_weight": weight, "bpr_negatives": 8}
+        cfg_dict = tiny_config(demo_dir, tmp_path / "models", epochs=1, **extra)
+        cfg_dict["negatives"] = {"mode": "full"}  # no sampled pool: two score() calls see the same columns
+        cfg = parse_config(cfg_dict, "test")
+        trainer = Trainer(cfg)
+        idx = trainer.batches(0)[0]
+        rows = trainer.rows(idx)
+        scores = trainer.score(rows)
+        softmax = softmax_loss(scores.logits, scores.labels).item()
+        torch.manual_seed(5)
+        loss, _, _ = trainer.step(idx)
+        losses.append((loss, softmax))
+    (plain, softmax0), (mixed, softmax1) = losses
+    assert softmax0 == pytest.approx(softmax1, rel=1e-5)  # same seed, same model, same batch
+    assert plain == pytest.approx(softmax0, rel=1e-5)
+    assert mixed > softmax1 + 0.1  # 2 x a mean of softplus terms, each > 0

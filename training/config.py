@@ -78,6 +78,10 @@ class TrainConfig(BaseModel):
     # protocol (sampled_HR@10), validation negatives drawn like the test ones.
     valid_metric: str = "Recall@20"
     valid_users: int = Field(default=5000, ge=1)  # validation subsample, for speed
+    # loss = softmax + bpr_weight x a pairwise (BPR) term of each row's label against bpr_negatives of its columns
+    # drawn uniformly (models/similarity.py bpr_loss); 0 = softmax only
+    bpr_weight: float = Field(default=0.0, ge=0)
+    bpr_negatives: int = Field(default=16, ge=1)
     max_minutes: float | None = Field(default=None, gt=0)  # stop after the epoch that crosses this budget
     patience: int | None = Field(default=None, ge=1)  # stop after this many epochs without a better validation score
     progress: bool = True

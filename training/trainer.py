@@ -34,7 +34,7 @@ from models.features import FeatureEncoder
 from models.match import Layout, MatchModel
 from models.registry import build_model
 from models.sequence import SequenceConfig, reads_time
-from models.similarity import labels_for, mask_collisions, recall_at_k, softmax_loss
+from models.similarity import bpr_loss, labels_for, mask_collisions, recall_at_k, softmax_loss
 from training.allocator import reuse_freed_memory
 from training.config import Config
 from training.data.load import load_data
@@ -262,6 +262,9 @@ class Trainer:
         scores = self.score(rows)
         weights = torch.from_numpy(rows.weights).to(self.device)
         loss = softmax_loss(scores.logits, scores.labels, weights)
+        t = self.cfg.train
+        if t.bpr_weight > 0:
+            loss = loss + t.bpr_weight * bpr_loss(scores.logits, scores.labels, t.bpr_negatives, weights)
         if self.sequences is not None:
             # Length-grouped batches train from 1 to 50 positions per user: a batch mean would weigh a short user's
             # position many times a long user's. Scaled by rows / the epoch's mean rows per batch, every position
