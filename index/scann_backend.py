@@ -17,6 +17,7 @@ The package ships for Linux x86-64 only: elsewhere `available()` is False and Qu
 
 import contextlib
 import importlib.util
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -113,7 +114,8 @@ class ScannSearcher:
 
     def _leaves(self, attempt: int, selectivity: float = 1.0) -> int:
         """4x the leaves per widening; a filter's nearest passing items lie further out: 1 / sqrt(selectivity) more."""
-        return int(min(self.leaves, np.ceil(self.leaves_to_search * 4**attempt / np.sqrt(max(selectivity, 1e-6)))))
+        # plain floats, not numpy scalars: this runs on every query's path (numpy's scalar maths cost ~1 us here)
+        return min(self.leaves, math.ceil(self.leaves_to_search * 4**attempt / math.sqrt(max(selectivity, 1e-6))))
 
     def can_widen(self, attempt: int) -> bool:
         return self._leaves(attempt) < self.leaves
@@ -122,11 +124,9 @@ class ScannSearcher:
         self, queries: np.ndarray, width: int, attempt: int = 0, selector: Any = None, selectivity: float = 1.0
     ) -> tuple[np.ndarray, np.ndarray]:
         q = len(queries)
-        if attempt == 0 and selectivity >= 1.0:  # every unfiltered first try: no numpy scalar maths on its path
-            leaves, pre = min(self.leaves, self.leaves_to_search), min(self._n, max(self.reorder, width))
-        else:  # a filter's k passing items lie among about k / selectivity candidates: re-score that many more
-            leaves = self._leaves(attempt, selectivity)
-            pre = min(self._n, max(int(np.ceil(self.reorder / max(selectivity, 1e-6))), width))
+        # a filter's k passing items lie among about k / selectivity candidates: re-score that many more exactly
+        leaves = self._leaves(attempt, selectivity)
+        pre = min(self._n, max(math.ceil(self.reorder / max(selectivity, 1e-6)), width))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if q == 1:
             found, dist = self.native.search(queries[0], width, pre, leaves)  # (<= width,) each, never padded
