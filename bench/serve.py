@@ -165,6 +165,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a saturation run (or in-process round) during which other processes used more than this %% of a core "
         "is discarded and measured again (at most 3 x --repeats tries)",
     )
+    m.add_argument(
+        "--model-process", choices=("on", "off"), default="on",
+        help="QUIVER_MODEL_PROCESS of every measured server (default on: the tower and search off the HTTP GIL)",
+    )  # fmt: skip
     m.add_argument("--microbatch-off", action="store_true", help="also measure /recall without micro-batching")
     m.add_argument("--rerank", action="store_true", help="also measure /recall with rerank (TDM over 200)")
     m.add_argument("--floor-only", action="store_true", help="only the floor app (checks the load generator)")
@@ -624,6 +628,7 @@ def service_env(args: argparse.Namespace, lay: Layout, plan: IndexPlan, microbat
         "QUIVER_LOG_LEVEL": "warning",
         "QUIVER_RERANK_CANDIDATES": str(args.rerank_candidates),
         "QUIVER_TORCH_THREADS": str(args.torch_threads),
+        "QUIVER_MODEL_PROCESS": "true" if args.model_process == "on" else "false",
     }
     for name, value in (
         ("QUIVER_BATCH_MAX_SIZE", args.batch_max_size),
@@ -1264,6 +1269,7 @@ def run(args: argparse.Namespace) -> int:
         half = rec.get("half_load", {})
         line |= {
             "recall_served": served.get("recall@100"),
+            "model_process": args.model_process == "on",
             "index_served": f"{served.get('factory')} {json.dumps(served.get('search'), sort_keys=True)}",
             "rps_recall": rps_recall,
             "rps_recall_runs": rec["rps_runs"],

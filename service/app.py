@@ -22,6 +22,7 @@ from service.batcher import MicroBatcher
 from service.body_limit import BodyLimit
 from service.errors import CatchAll, http_error, validation_error
 from service.metrics import Metrics, RequestTimer
+from service.model_process import IN_FLIGHT, ModelProcess
 from service.pipeline import Services, recall_batch
 from service.reload import RuntimeHolder, listen, poll
 from service.routes import api_router, paths
@@ -50,25 +51,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _pin_threads(settings.torch_threads)
         # OpenMP's thread count is per calling thread: FAISS must be told on the thread that searches.
+        remote = ModelProcess(settings.torch_threads) if settings.model_process else None
+        in_flight = IN_FLIGHT if remote is not None else 1  # threads that only wait on the pipe, for a model process
         executor = ThreadPoolExecutor(
-            max_workers=1,
+            max_workers=in_flight,
             thread_name_prefix="quiver-model",
             initializer=_pin_threads,
             initargs=(settings.torch_threads,),
         )
         store = _store(settings, metrics)
-        holder = RuntimeHolder(settings, metrics)
+        holder = RuntimeHolder(settings, metrics, also_load=remote.load if remote is not None else None)
         batcher = None
         if settings.microbatch:
             batcher = MicroBatcher(
-                partial(recall_batch, metrics),
+                partial(recall_batch, metrics, remote),
                 executor,
                 settings.batch_max_size,
                 settings.batch_max_wait_ms / 1000.0,
                 on_batch=metrics.batch_size.observe,
+                in_flight=in_flight,
             )
             batcher.start()
-        app.state.services = Services(settings, metrics, holder, executor, store, batcher)
+        app.state.services = Services(settings, metrics, holder, executor, store, batcher, remote)
         outcome = await holder.reload()
         if outcome.status == "refused":
             log.error("starting without a model: %s", outcome.reason)
@@ -88,6 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if batcher is not None:
                 await batcher.stop()
             executor.shutdown(wait=True)
+            if remote is not None:
+                remote.close()
             if store is not None:
                 await store.close()
             gc.unfreeze()  # what the swaps froze (service/reload.py settle_heap) is collectable again

@@ -41,7 +41,11 @@ class MicroBatcher(Generic[Owner, Job, Result]):
         max_size: int,
         max_wait_s: float,
         on_batch: Callable[[int], None] | None = None,
+        in_flight: int = 1,
     ) -> None:
+        """in_flight: batches handed to `run` at once (the executor needs as many threads). One when `run` computes
+        on this process's model thread; two when it hands the batch to a model process, so that the next batch is
+        already queued there while the last one's answers travel back (service/model_process.py)."""
         self.run = run
         self.executor = executor
         self.max_size = max_size
@@ -49,6 +53,8 @@ class MicroBatcher(Generic[Owner, Job, Result]):
         self.on_batch = on_batch
         self._queue: asyncio.Queue[_Pending[Owner, Job, Result]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(in_flight)
+        self._running: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         if self._task is None:
@@ -60,6 +66,8 @@ class MicroBatcher(Generic[Owner, Job, Result]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._running:  # batches already handed over finish and answer their requests
+            await asyncio.gather(*self._running, return_exceptions=True)
         while not self._queue.empty():
             p = self._queue.get_nowait()
             if not p.future.done():
@@ -87,13 +95,24 @@ class MicroBatcher(Generic[Owner, Job, Result]):
         return batch
 
     async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = [p for p in await self._gather() if not p.future.cancelled()]
+            await self._slots.acquire()  # a batch is gathered only once it can be handed over at once
+            try:
+                batch = [p for p in await self._gather() if not p.future.cancelled()]
+            except BaseException:
+                self._slots.release()
+                raise
             groups: dict[int, list[_Pending[Owner, Job, Result]]] = {}
             for p in batch:
                 groups.setdefault(id(p.owner), []).append(p)
-            for group in groups.values():
+            task = asyncio.get_running_loop().create_task(self._run(list(groups.values())))
+            self._running.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, groups: list[list[_Pending[Owner, Job, Result]]]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for group in groups:
                 if self.on_batch is not None:
                     self.on_batch(len(group))
                 try:
@@ -107,3 +126,5 @@ class MicroBatcher(Generic[Owner, Job, Result]):
                 for p, r in zip(group, results, strict=True):
                     if not p.future.done():
                         p.future.set_result(r)
+        finally:
+            self._slots.release()

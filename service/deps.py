@@ -20,8 +20,12 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def get_runtime(svc: ServicesDep) -> Runtime:
-    """The triple this request is answered by, taken once: a swap mid-request does not change it."""
+async def get_runtime(request: Request) -> Runtime:
+    """The triple this request is answered by, taken once: a swap mid-request does not change it.
+
+    Reads the app state itself rather than depending on `get_services`: each nested dependency costs FastAPI a
+    second resolution pass per request, on the event loop every request shares."""
+    svc: Services = request.app.state.services
     rt = svc.holder.current
     if rt is None:
         raise HTTPException(503, detail=f"no model loaded: {svc.holder.not_serving_reason}")

@@ -44,8 +44,8 @@ class Metrics:
         self.redis_breaker = Gauge(
             "quiver_redis_breaker_open", "1 while the Redis circuit breaker is open or half-open", registry=r
         )
-        for stage in STAGES:
-            self.stage_duration.labels(stage)
+        # bound once: `labels()` takes a lock and builds its key on every call, on the hot path of every request
+        self.stages = {stage: self.stage_duration.labels(stage) for stage in STAGES}
 
     def set_loaded(self, loaded: Iterable[tuple[str, str, str]], index_items: int) -> None:
         """(role, name, version) of every bundle now served; the previous set is cleared."""
@@ -62,6 +62,13 @@ class RequestTimer:
         self.app = app
         self.metrics = metrics
         self.endpoints = endpoints
+        self._series: dict[tuple[str, int], Histogram] = {}  # (endpoint, status) -> its bound series
+
+    def _observe(self, endpoint: str, status: int, seconds: float) -> None:
+        series = self._series.get((endpoint, status))
+        if series is None:
+            series = self._series[(endpoint, status)] = self.metrics.request_duration.labels(endpoint, str(status))
+        series.observe(seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,4 +90,4 @@ class RequestTimer:
             template = getattr(scope.get("route"), "path", None)
             path = template if isinstance(template, str) else scope["path"]
             endpoint = path if path in self.endpoints else "other"
-            self.metrics.request_duration.labels(endpoint, str(status)).observe(time.perf_counter() - start)
+            self._observe(endpoint, status, time.perf_counter() - start)

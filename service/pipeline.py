@@ -18,6 +18,7 @@ from fastapi import HTTPException
 from index.filter import FilterError
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
+from service.model_process import ModelProcess, ModelProcessDown
 from service.reload import RuntimeHolder
 from service.runtime import Found, RecallJob, Runtime
 from service.schemas import (
@@ -51,16 +52,17 @@ class Services:
     executor: ThreadPoolExecutor
     store: RedisStore | None
     batcher: MicroBatcher[Runtime, RecallJob, Found] | None
+    model_process: ModelProcess | None = None
 
     async def on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
 
-def recall_batch(metrics: Metrics, rt: Runtime, jobs: Sequence[RecallJob]) -> list[Found]:
-    """Model-thread entry of a (micro-)batch."""
-    hits, timings = rt.recall(jobs)
-    metrics.stage_duration.labels("user_tower").observe(timings.user_tower)
-    metrics.stage_duration.labels("search").observe(timings.search)
+def recall_batch(metrics: Metrics, remote: ModelProcess | None, rt: Runtime, jobs: Sequence[RecallJob]) -> list[Found]:
+    """Model-thread entry of a (micro-)batch: run here, or handed to the model process (QUIVER_MODEL_PROCESS)."""
+    hits, timings = remote.recall(rt, jobs) if remote is not None else rt.recall(jobs)
+    metrics.stages["user_tower"].observe(timings.user_tower)
+    metrics.stages["search"].observe(timings.search)
     return hits
 
 
@@ -84,7 +86,7 @@ async def user_state(svc: Services, rt: Runtime, req: UserInput, tower: bool = T
     state = resolve(req.user_id, rt.users, record, svc.store is not None, req.history, features, req.history_timestamps)
     if needs_time and state.history and state.history_time is None:
         state.degraded.append(HISTORY_TIME_MISSING)  # served as if every click happened at once
-    svc.metrics.stage_duration.labels("feature_fetch").observe(time.perf_counter() - t0)
+    svc.metrics.stages["feature_fetch"].observe(time.perf_counter() - t0)
     for reason in state.degraded:
         svc.metrics.degraded.labels(reason).inc()
     return state, ignored
@@ -126,10 +128,13 @@ async def recall(svc: Services, rt: Runtime, req: RecallRequest) -> dict[str, An
         except FilterError as err:
             raise field_error(422, ["body", "filter", *([err.column] if err.column else [])], str(err)) from None
     job = RecallJob(state, fetch, exclude, flt)
-    if svc.batcher is not None:
-        found = await svc.batcher.submit(rt, job)
-    else:
-        found = (await svc.on_model_thread(recall_batch, svc.metrics, rt, [job]))[0]
+    try:
+        if svc.batcher is not None:
+            found = await svc.batcher.submit(rt, job)
+        else:
+            found = (await svc.on_model_thread(recall_batch, svc.metrics, svc.model_process, rt, [job]))[0]
+    except ModelProcessDown as err:
+        raise HTTPException(503, detail=f"recall: {err}") from None
     body = _answer(rt, state, unknown, ignored)
     # cached by the search that just ran
     matches = rt.passing(flt).count if flt is not None else None
@@ -140,7 +145,7 @@ async def recall(svc: Services, rt: Runtime, req: RecallRequest) -> dict[str, An
     retrieved = {i: (s, t) for i, s, t in zip(*found, strict=True)}
     t0 = time.perf_counter()
     ranked, unscorable = await svc.on_model_thread(rt.rank, state, found.item_ids, req.k)
-    svc.metrics.stage_duration.labels("rerank").observe(time.perf_counter() - t0)
+    svc.metrics.stages["rerank"].observe(time.perf_counter() - t0)
     items = [
         {"item_id": i, "score": s, "interest": retrieved[i][1], "retrieval_score": retrieved[i][0]} for i, s in ranked
     ]
@@ -156,7 +161,7 @@ async def rank(svc: Services, rt: Runtime, req: RankRequest) -> dict[str, Any]:
     state, ignored = await user_state(svc, rt, req, tower=False)
     t0 = time.perf_counter()
     ranked, unknown = await svc.on_model_thread(rt.rank, state, req.candidates, req.k)
-    svc.metrics.stage_duration.labels("rerank").observe(time.perf_counter() - t0)
+    svc.metrics.stages["rerank"].observe(time.perf_counter() - t0)
     hist_unknown = [h for h in state.history if h not in rt.ranker.item_row] if req.history else []
     body = _answer(rt, state, {"candidates": unknown, "history": hist_unknown}, ignored)
     items: list[ScoredItem] = [{"item_id": i, "score": s} for i, s in ranked]

@@ -19,6 +19,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,9 +64,12 @@ def settle_heap() -> None:
 
 
 class RuntimeHolder:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, also_load: Callable[[Target], None] | None = None) -> None:
+        """also_load: called with every triple loaded here before it is served (the model process loads it too);
+        what it raises refuses the triple like a failed load."""
         self.settings = settings
         self.metrics = metrics
+        self.also_load = also_load
         self.current: Runtime | None = None
         self.refusal: Refusal | None = None  # the latest refusal, until a reload succeeds (as /readyz shows it)
         self._lock = asyncio.Lock()
@@ -94,7 +98,7 @@ class RuntimeHolder:
             if not force and self.refusal is not None and self.refusal.versions == target.versions:
                 return ReloadOutcome("refused", served, self.refusal.reason)  # already counted when it was refused
             try:
-                rt = await asyncio.to_thread(load_runtime, target)
+                rt = await asyncio.to_thread(self._load, target)
             except Exception as err:
                 return self._refuse(_describe(err), target.versions, served)
             self.current = rt  # the swap: one reference assignment
@@ -104,6 +108,12 @@ class RuntimeHolder:
             self.metrics.reloads.labels("reloaded").inc()
             log.info("serving model %s, index %s, ranker %s", *rt.versions)
             return ReloadOutcome("reloaded", rt.versions)
+
+    def _load(self, target: Target) -> Runtime:
+        rt = load_runtime(target)
+        if self.also_load is not None:
+            self.also_load(target)
+        return rt
 
     def _refuse(self, reason: str, refused: Versions | None, served: Versions | None) -> ReloadOutcome:
         again = self.refusal is not None and (self.refusal.reason, self.refusal.versions) == (reason, refused)

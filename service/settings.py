@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     # event loop needs (bench/README "serve.py": p99 at half load 19 ms with 2 threads, 8 ms with 1, on 2 cores).
     # More throughput per machine comes from QUIVER_WORKERS, one process per core.
     torch_threads: int = Field(1, ge=1, description="torch and FAISS threads of the model thread")
+    model_process: bool = Field(
+        False,
+        description="run /recall's user tower and index search in a process of their own (off the HTTP process's GIL)",
+    )
     microbatch: bool = Field(True, description="batch concurrent /recall requests into one tower pass and search")
     batch_max_size: int = Field(64, ge=1, description="requests per micro-batch at most")
     batch_max_wait_ms: float = Field(

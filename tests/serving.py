@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from index.build import build
 from index.options import BuildOptions, PublishOptions
@@ -76,8 +77,15 @@ def settings(tree: Tree | Path, **overrides: object) -> Settings:
 @contextmanager
 def running(cfg: Settings) -> Iterator[str]:
     """The app under a real uvicorn server on a free port (its own thread and event loop); yields the base URL."""
+    with running_app(create_app(cfg)) as url:
+        yield url
+
+
+@contextmanager
+def running_app(app: FastAPI) -> Iterator[str]:
+    """`running` for an app the test built itself (to look at its state while it serves)."""
     server = uvicorn.Server(
-        uvicorn.Config(create_app(cfg), host="127.0.0.1", port=free_port(), log_level="warning", access_log=False)
+        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", access_log=False)
     )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()

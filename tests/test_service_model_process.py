@@ -1,0 +1,206 @@
+"""QUIVER_MODEL_PROCESS: /recall's tower and search in a child process, through a real uvicorn server.
+
+The answers must be the in-process ones exactly (the same triple, loaded from the same folders), for every kind of
+request the pipeline serves; a hot swap must reach the child; a child that dies costs at most the batch it held,
+and the next request is answered by a new one."""
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from index.filter import Filter
+from models.errors import QuiverError
+from service.app import create_app
+from service.batcher import MicroBatcher
+from service.metrics import Metrics
+from service.model_process import ModelProcess, decode_job, encode_job
+from service.reload import RuntimeHolder
+from service.runtime import RecallJob
+from service.userstate import UserState
+from tests.serving import Tree, quiver_serve, running, running_app, settings
+
+TOKEN = {"X-Quiver-Admin-Token": "s3cret"}
+# What the pipeline does differently by request: stored and request histories, exclusions, filters, rerank, an
+# unknown user (popularity), micro-batches of mixed widths.
+REQUESTS: list[dict[str, Any]] = [
+    {"user_id": "u001", "k": 10},
+    {"user_id": "u002", "k": 25, "exclude_seen": False},
+    {"user_id": "u003", "k": 7, "history": ["i0001", "i0002", "i0003"]},
+    {"user_id": "u004", "k": 10, "exclude": ["i0005", "i0006"]},
+    {"user_id": "u005", "k": 10, "filter": {"price": {"lt": 50.0}}},
+    {"user_id": "u006", "k": 5, "rerank": True},
+    {"user_id": "nobody-at-all", "k": 10},
+]
+
+
+def _answers(url: str) -> list[dict[str, Any]]:
+    with httpx.Client(base_url=url, timeout=60) as c:
+        out = []
+        for body in REQUESTS:
+            r = c.post("/recall", json=body)
+            assert r.status_code == 200, r.text
+            out.append(r.json())
+        return out
+
+
+def _concurrent(url: str, n: int = 48) -> list[dict[str, Any]]:
+    """n requests at once, so the micro-batcher forms batches and keeps two in flight."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            rs = await asyncio.gather(*(c.post("/recall", json=REQUESTS[i % len(REQUESTS)]) for i in range(n)))
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200][:1]
+        return [r.json() for r in rs]
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def tree(serving_tree: Tree, tmp_path_factory: pytest.TempPathFactory) -> Tree:
+    t = serving_tree.copy(tmp_path_factory.mktemp("model-process") / "artifacts")
+    t.point(1)
+    return t
+
+
+@pytest.fixture(scope="module")
+def in_process(tree: Tree) -> list[dict[str, Any]]:
+    with running(settings(tree)) as url:
+        return _answers(url)
+
+
+def test_answers_are_the_in_process_ones(tree: Tree, in_process: list[dict[str, Any]]) -> None:
+    with running(settings(tree, model_process=True)) as url:
+        assert _answers(url) == in_process
+        many = _concurrent(url)
+    for i, got in enumerate(many):  # batched: the tower's floats may differ in the last bits from a lone request
+        want = in_process[i % len(REQUESTS)]["items"]
+        assert [x["item_id"] for x in got["items"]] == [x["item_id"] for x in want]
+        assert [x["score"] for x in got["items"]] == pytest.approx([x["score"] for x in want], abs=1e-5)
+    assert in_process[4]["filter_matches"] and in_process[6]["degraded"]  # the filter and fallback paths ran
+
+
+def test_a_hot_swap_reaches_the_model_process(tree: Tree, in_process: list[dict[str, Any]], tmp_path: Path) -> None:
+    other = tree.copy(tmp_path / "artifacts")
+    other.point(0)
+    with running(settings(other)) as url:
+        before = _answers(url)  # pair 0, in-process
+    with running(settings(other, model_process=True)) as url:
+        assert _answers(url) == before
+        other.point(1)
+        r = httpx.post(f"{url}/admin/reload", headers=TOKEN, timeout=60)
+        assert r.status_code == 200 and r.json()["status"] == "reloaded"
+        after = _answers(url)
+    assert [a["index_version"] for a in after] == [other.indexes[1]] * len(REQUESTS)
+    assert after == [a | {"index_version": other.indexes[1]} for a in in_process]  # pair 1's answers, exactly
+    assert [a["items"] for a in after] != [a["items"] for a in before]
+
+
+def test_a_killed_model_process_is_replaced(tree: Tree, in_process: list[dict[str, Any]]) -> None:
+    app = create_app(settings(tree, model_process=True))
+    with running_app(app) as url:
+        remote: ModelProcess = app.state.services.model_process
+        first = remote.pid
+        assert first is not None and _answers(url) == in_process
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while remote._alive():  # the handle notices the death the way the next batch will
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _answers(url) == in_process  # the next batch starts a new child that holds the served triple
+        assert remote.pid not in (None, first)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert c.get("/readyz").status_code == 200
+
+
+def test_an_answer_out_of_step_is_a_503_and_a_new_child(tree: Tree) -> None:
+    app = create_app(settings(tree, model_process=True))
+    with running_app(app) as url:
+        remote: ModelProcess = app.state.services.model_process
+        assert remote._work is not None
+        first = remote.pid
+        # a batch nobody waits for (of a triple the child never held): its answer comes back first, so the pipe is
+        # one answer out of step; the next caller must get a clean 503 rather than another batch's items
+        remote._work.send_bytes(b'{"seq": null, "versions": ["x", "y", null], "jobs": []}')
+        r = httpx.post(f"{url}/recall", json={"user_id": "u001", "k": 5}, timeout=30)
+        assert r.status_code == 503 and "model process" in r.json()["detail"]
+        ok = httpx.post(f"{url}/recall", json={"user_id": "u001", "k": 5}, timeout=30)
+        assert ok.status_code == 200 and len(ok.json()["items"]) == 5
+        assert remote.pid not in (None, first)  # a new child, back in step
+
+
+def test_two_workers_each_with_a_model_process(tree: Tree, tmp_path: Path, redis_url: str) -> None:
+    """The console script compose runs: QUIVER_WORKERS=2, each worker with its own model process."""
+    with quiver_serve(tree.root, redis_url, tmp_path / "serve.log", ready=10, QUIVER_WORKERS="2",
+                      QUIVER_MODEL_PROCESS="true") as url:  # fmt: skip
+        for _ in range(10):  # fresh connections: both workers answer
+            r = httpx.post(f"{url}/recall", json={"user_id": "u001", "k": 6}, timeout=30)
+            assert r.status_code == 200 and len(r.json()["items"]) == 6
+
+
+def test_jobs_cross_the_pipe_unchanged() -> None:
+    state = UserState("u1", {"user_id": "u1", "age": 3}, ["a", "b"], "redis", True, ["x"], [10, 20])
+    flt = Filter((("category", "in", ("A", "B")), ("price", "range", (("lt", 5.0),)), ("stock", "is", True)))
+    import orjson
+
+    for job in (RecallJob(state, 10, ["a"], flt), RecallJob(state, 3, [], None)):
+        back = decode_job(orjson.loads(orjson.dumps(encode_job(job))))
+        assert back.filter == job.filter and (back.filter is None or hash(back.filter.key) == hash(job.filter.key))
+        assert (back.fetch, back.exclude) == (job.fetch, job.exclude)
+        s = back.state
+        assert (s.user_id, s.profile, s.history, s.history_time, s.known) == (
+            "u1", {"user_id": "u1", "age": 3}, ["a", "b"], [10, 20], True
+        )  # fmt: skip
+
+
+def test_a_load_the_model_process_refuses_refuses_the_triple(tree: Tree) -> None:
+    def refuse(target: object) -> None:
+        raise QuiverError("the model process could not load it")
+
+    holder = RuntimeHolder(settings(tree), Metrics(), also_load=refuse)
+    outcome = asyncio.run(holder.reload())
+    assert outcome.status == "refused" and "could not load" in (outcome.reason or "")
+    assert holder.current is None
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_microbatcher_keeps_in_flight_batches_running_at_once(in_flight: int) -> None:
+    running_now, most = 0, 0
+    lock = threading.Lock()
+
+    def run(owner: str, jobs: Sequence[int]) -> list[int]:
+        nonlocal running_now, most
+        with lock:
+            running_now += 1
+            most = max(most, running_now)
+        time.sleep(0.05)
+        with lock:
+            running_now -= 1
+        return [j * 2 for j in jobs]
+
+    async def go() -> list[int]:
+        with ThreadPoolExecutor(max_workers=in_flight) as pool:
+            b: MicroBatcher[str, int, int] = MicroBatcher(run, pool, max_size=2, max_wait_s=0, in_flight=in_flight)
+            b.start()
+            out = await asyncio.gather(*(b.submit("x", i) for i in range(12)))
+            await b.stop()
+            return list(out)
+
+    assert asyncio.run(go()) == [i * 2 for i in range(12)]
+    assert most == in_flight
+
+
+@pytest.fixture(autouse=True)
+def _no_child_left() -> Iterator[None]:
+    yield
+    import multiprocessing
+
+    assert not [p for p in multiprocessing.active_children() if p.name == "quiver-model"]
