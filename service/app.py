@@ -23,7 +23,7 @@ from service.body_limit import BodyLimit
 from service.errors import CatchAll, http_error, validation_error
 from service.metrics import Metrics, RequestTimer
 from service.model_process import IN_FLIGHT, ModelProcess
-from service.pipeline import Services, recall_batch
+from service.pipeline import Services, recall_batch, recall_remote
 from service.reload import RuntimeHolder, listen, poll
 from service.routes import api_router, paths
 from service.settings import Settings
@@ -52,9 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _pin_threads(settings.torch_threads)
         # OpenMP's thread count is per calling thread: FAISS must be told on the thread that searches.
         remote = ModelProcess(settings.torch_threads) if settings.model_process else None
-        in_flight = IN_FLIGHT if remote is not None else 1  # threads that only wait on the pipe, for a model process
+        if remote is not None:
+            await remote.start()
         executor = ThreadPoolExecutor(
-            max_workers=in_flight,
+            max_workers=1,
             thread_name_prefix="quiver-model",
             initializer=_pin_threads,
             initargs=(settings.torch_threads,),
@@ -64,12 +65,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher = None
         if settings.microbatch:
             batcher = MicroBatcher(
-                partial(recall_batch, metrics, remote),
+                partial(recall_remote, metrics, remote) if remote is not None else partial(recall_batch, metrics),
                 executor,
                 settings.batch_max_size,
                 settings.batch_max_wait_ms / 1000.0,
                 on_batch=metrics.batch_size.observe,
-                in_flight=in_flight,
+                in_flight=IN_FLIGHT if remote is not None else 1,
             )
             batcher.start()
         app.state.services = Services(settings, metrics, holder, executor, store, batcher, remote)
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await batcher.stop()
             executor.shutdown(wait=True)
             if remote is not None:
-                remote.close()
+                await remote.close()
             if store is not None:
                 await store.close()
             gc.unfreeze()  # what the swaps froze (service/reload.py settle_heap) is collectable again

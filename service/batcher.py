@@ -12,8 +12,9 @@ answered entirely by the version it began with.
 
 import asyncio
 import contextlib
+import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -36,17 +37,19 @@ class MicroBatcher(Generic[Owner, Job, Result]):
 
     def __init__(
         self,
-        run: Callable[[Owner, Sequence[Job]], Sequence[Result]],
+        run: Callable[[Owner, Sequence[Job]], Sequence[Result] | Awaitable[Sequence[Result]]],
         executor: Executor,
         max_size: int,
         max_wait_s: float,
         on_batch: Callable[[int], None] | None = None,
         in_flight: int = 1,
     ) -> None:
-        """in_flight: batches handed to `run` at once (the executor needs as many threads). One when `run` computes
-        on this process's model thread; two when it hands the batch to a model process, so that the next batch is
-        already queued there while the last one's answers travel back (service/model_process.py)."""
+        """run: computes a batch on `executor` (the model thread), or, a coroutine function, hands it elsewhere and
+        awaits the answer (a model process). in_flight: batches handed over at once; one for the model thread, two
+        for a model process, so that the next batch already waits there while the last one's answers travel back
+        (service/model_process.py)."""
         self.run = run
+        self._is_async = inspect.iscoroutinefunction(run)
         self.executor = executor
         self.max_size = max_size
         self.max_wait_s = max_wait_s
@@ -117,7 +120,10 @@ class MicroBatcher(Generic[Owner, Job, Result]):
                     self.on_batch(len(group))
                 try:
                     jobs = [p.job for p in group]
-                    results = await loop.run_in_executor(self.executor, self.run, group[0].owner, jobs)
+                    if self._is_async:  # it hands the batch over itself (a model process) and awaits the answer
+                        results = await self.run(group[0].owner, jobs)  # type: ignore[misc]
+                    else:
+                        results = await loop.run_in_executor(self.executor, self.run, group[0].owner, jobs)
                 except Exception as err:  # one bad batch fails its own requests, never the collector
                     for p in group:
                         if not p.future.done():

@@ -5,26 +5,33 @@ In one process the event loop (HTTP parsing, validation, user state, the JSON an
 tower's feature encoding, the search's bookkeeping) take turns on one GIL: the server answered at 0.45x the rate
 of the same pipeline called directly, with one core busy and the other mostly idle (bench/README "serve.py"). Here
 the HTTP process keeps everything else (user state, unknown-id reports, filters' validation, the ranker, /rank,
-/events) and its model thread only encodes a batch, waits on the pipe with the GIL released, and decodes the answer;
-the child runs `Runtime.recall` on the same triple, loaded from the same folders.
+/events); its event loop writes each batch to the child and reads the answer when the pipe turns readable, so no
+thread has to win the GIL back from a busy event loop per batch. The child runs `Runtime.recall` on the same
+triple, loaded from the same folders.
 
-Messages are JSON (orjson) over two `multiprocessing` connections, never pickled data:
+Messages are JSON (orjson) over `multiprocessing` pipes (batches out, answers back, and a control pipe), never
+pickled data:
 
     control (reloads, one at a time):  {"op": "load", "model": dir, "index": dir, "versions": [m, i, r]}
                                        -> {"ok": true} | {"error": "..."}
-    work (the model thread only):      {"seq": n, "versions": [m, i, r], "jobs": [job, ...]}
+    batches -> answers (in order):     {"seq": n, "versions": [m, i, r], "jobs": [job, ...]}
                                        -> {"seq": n, "found": [[ids, scores, interests], ...], "tower": s,
                                            "search": s} | {"seq": n, "error": "..."}
 
-The child keeps the two newest triples (a request that began on the previous one finishes on it; a batch is
-split by runtime before it gets here). It loads on a thread of its own, so a reload does not stop the batches.
-If the child dies, the batch in flight fails (503, `ModelProcessDown`) and the next one starts a new child and
-loads the triples the old one held before it goes on.
+Two batches are out at once (the next one already waits in the pipe while the last one's answer travels back).
+An answer is matched to the oldest batch still waiting and its `seq` checked: one out of step (which would hand a
+batch another's items) fails that batch and replaces the child. The child keeps the two newest triples (a request
+that began on the previous one finishes on it; a batch is split by runtime before it gets here) and loads on a
+thread of its own, so a reload does not stop the batches. If the child dies, the batches out fail (503,
+`ModelProcessDown`) and the next one starts a new child holding the triples the old one held.
 """
 
+import asyncio
 import logging
 import multiprocessing as mp
+import os
 import threading
+from collections import deque
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -71,7 +78,7 @@ def decode_job(row: list[Any]) -> RecallJob:
 # ---------------------------------------------------------------- the child
 
 
-def _child_main(work: Connection, control: Connection, threads: int) -> None:
+def _child_main(batches: Connection, answers: Connection, control: Connection, threads: int) -> None:
     import faiss
     import torch
 
@@ -107,13 +114,13 @@ def _child_main(work: Connection, control: Connection, threads: int) -> None:
     threading.Thread(target=loader, name="quiver-model-loader", daemon=True).start()
     while True:
         try:
-            msg = orjson.loads(work.recv_bytes())
+            msg = orjson.loads(batches.recv_bytes())
         except EOFError:  # the HTTP process closed the pipe or died: nothing left to serve
             return
         seq = msg.get("seq")
         rt = held.get(tuple(msg["versions"]))  # type: ignore[arg-type]
         if rt is None:
-            work.send_bytes(orjson.dumps({"seq": seq, "error": f"triple {msg['versions']} is not loaded"}))
+            answers.send_bytes(orjson.dumps({"seq": seq, "error": f"triple {msg['versions']} is not loaded"}))
             continue
         try:
             found, timings = rt.recall([decode_job(j) for j in msg["jobs"]])
@@ -125,48 +132,82 @@ def _child_main(work: Connection, control: Connection, threads: int) -> None:
             }
         except Exception as err:
             out = {"seq": seq, "error": f"{type(err).__name__}: {err}"[:1000]}
-        work.send_bytes(orjson.dumps(out))
+        answers.send_bytes(orjson.dumps(out))
 
 
 # ---------------------------------------------------------------- the HTTP process's handle
 
 
 class ModelProcess:
-    """The HTTP process's end: `load` from the reload path, `recall` from the model thread (one caller each)."""
+    """The HTTP process's end. Batches go out and their answers come back on the event loop: the work pipe has a
+    reader there, so an answer is handed to its waiting request without a thread and without waiting for the GIL
+    (a model thread blocked on the pipe would have to win the GIL back from a busy event loop for every batch).
+    Loads go over the control pipe from the reload's thread. Starting and replacing the child happen on the event
+    loop (`_revive`, one at a time)."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
         self._ctx = mp.get_context("spawn")  # a fresh interpreter: no fork of a process holding threads and locks
-        self._control_lock = threading.Lock()  # one load or restart at a time
-        # Up to IN_FLIGHT batches are sent before the first answer is back; the child answers in order, so each
-        # caller takes a ticket when it sends and reads the answer when its turn comes.
-        self._send_lock = threading.Lock()
-        self._turn = threading.Condition()
-        self._sent = self._answered = 0
-        self._generation = 0  # which child the tickets belong to
-        self._targets: dict[Versions, Target] = {}  # what the child holds, to load again into a restarted one
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._control_lock = threading.Lock()  # one load at a time
+        self._revive_lock: asyncio.Lock | None = None
+        self._targets: dict[Versions, Target] = {}  # what the child holds, to load again into a new one
+        self._pending: deque[asyncio.Future[dict[str, Any]]] = deque()  # batches sent, oldest first
+        self._sent = 0
+        self._broken = False  # the child may be running but is not to be used (dead pipe, out of step, closing)
         self._proc: Any = None
-        self._work: Connection | None = None
+        self._batches: Connection | None = None  # to the child (blocking writes)
+        self._answers: Connection | None = None  # from the child (read when the event loop says it is readable)
         self._control: Connection | None = None
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def _start(self) -> None:
-        work, work_child = self._ctx.Pipe()
-        control, control_child = self._ctx.Pipe()
-        proc = self._ctx.Process(
-            target=_child_main, args=(work_child, control_child, self.threads), name="quiver-model", daemon=True
-        )
-        proc.start()
-        work_child.close()
-        control_child.close()
-        self._proc, self._work, self._control = proc, work, control
-        log.info("model process started (pid %s)", proc.pid)
+    async def start(self) -> None:
+        """Bind to the running event loop and start the child (from the app's lifespan)."""
+        self._loop = asyncio.get_running_loop()
+        self._revive_lock = asyncio.Lock()
+        await self._revive()
 
     def _alive(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
+        return self._proc is not None and not self._broken and self._proc.is_alive()
+
+    async def _revive(self) -> None:
+        """A child that is alive, with its reader, holding every triple the last one held."""
+        assert self._revive_lock is not None
+        async with self._revive_lock:
+            if self._alive():
+                return
+            if self._proc is not None:
+                log.warning("model process gone (exit %s): starting a new one", self._proc.exitcode)
+            self._stop_reading("model process died before answering this batch")
+            await asyncio.to_thread(self._respawn)
+            assert self._loop is not None and self._answers is not None
+            fd = self._answers.fileno()
+            self._loop.add_reader(fd, self._on_readable)
+            os.set_blocking(fd, True)  # the loop only polls it; a read takes a whole answer, however it arrives
+
+    def _respawn(self) -> None:
+        with self._control_lock:
+            self._close_child()
+            batches_in, batches = self._ctx.Pipe(duplex=False)  # (read end, write end)
+            answers, answers_out = self._ctx.Pipe(duplex=False)
+            control, control_child = self._ctx.Pipe()
+            proc = self._ctx.Process(
+                target=_child_main,
+                args=(batches_in, answers_out, control_child, self.threads),
+                name="quiver-model",
+                daemon=True,
+            )
+            proc.start()
+            for end in (batches_in, answers_out, control_child):
+                end.close()
+            self._proc, self._batches, self._answers, self._control = proc, batches, answers, control
+            self._sent, self._broken = 0, False
+            log.info("model process started (pid %s)", proc.pid)
+            for target in self._targets.values():
+                self._ask(target)
 
     def _ask(self, target: Target) -> None:
         assert self._control is not None
@@ -177,10 +218,10 @@ class ModelProcess:
             raise QuiverError(f"model process: {reply['error']}")
 
     def load(self, target: Target) -> None:
-        """Load a triple in the child (blocking; the batches go on meanwhile). Raises if the child refuses it."""
-        with self._send_lock, self._control_lock, self._turn:  # the lock order of `recall`'s restart
-            if not self._alive():
-                self._restart()
+        """Load a triple in the child (blocking: the reload's thread; batches go on meanwhile). Raises if the child
+        refuses it, which refuses the triple."""
+        if not self._alive() and self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._revive(), self._loop).result()
         with self._control_lock:
             try:
                 self._ask(target)
@@ -190,54 +231,61 @@ class ModelProcess:
             for old in list(self._targets)[:-KEEP]:
                 del self._targets[old]
 
-    def _restart(self) -> None:
-        """A new child holding what the old one held. Called holding the send, control and turn locks: batches
-        still waiting for an answer of the old child are woken and told so."""
-        self.close()
-        self._generation += 1
-        self._sent = self._answered = 0
-        self._turn.notify_all()
-        self._start()
-        for target in self._targets.values():
-            self._ask(target)
+    def _on_readable(self) -> None:
+        """Event-loop callback: hand each complete answer to the oldest batch still waiting (the child answers in
+        the order it was sent)."""
+        answers = self._answers
+        assert answers is not None
+        try:
+            while answers.poll():
+                reply = orjson.loads(answers.recv_bytes())
+                if not self._pending:
+                    raise ModelProcessDown("model process answered a batch nobody sent")
+                future = self._pending.popleft()
+                if not future.done():
+                    future.set_result(reply)
+        except (EOFError, OSError, ModelProcessDown) as err:
+            self._stop_reading(f"model process died mid-batch ({type(err).__name__})")
+            if self._proc is not None:
+                self._proc.kill()
 
-    def recall(self, rt: Runtime, jobs: Sequence[RecallJob]) -> tuple[list[Found], BatchTimings]:
-        """One batch through the child (blocking, GIL released while it waits); thread-safe for IN_FLIGHT callers."""
-        encoded = [encode_job(j) for j in jobs]
-        with self._send_lock:
-            if not self._alive():
-                with self._control_lock, self._turn:
-                    log.warning("model process gone: starting a new one")
-                    self._restart()
-            assert self._work is not None
-            work, generation, ticket = self._work, self._generation, self._sent
-            self._sent += 1
-            try:
-                work.send_bytes(orjson.dumps({"seq": ticket, "versions": rt.versions, "jobs": encoded}))
-            except OSError as err:
-                raise ModelProcessDown(f"model process unreachable ({type(err).__name__}); it is restarted") from None
-        with self._turn:
-            self._turn.wait_for(lambda: self._answered == ticket or self._generation != generation)
-            if self._generation != generation:
-                raise ModelProcessDown("model process restarted while this batch waited; it was not answered")
-            try:
-                reply = orjson.loads(work.recv_bytes())
-            except (EOFError, OSError) as err:
-                why = type(err).__name__
-                raise ModelProcessDown(f"model process died mid-batch ({why}); it is restarted") from None
-            finally:
-                self._answered += 1
-                self._turn.notify_all()
-        if reply.get("seq") != ticket:  # never hand one batch's items to another: start over with a new child
+    def _stop_reading(self, why: str) -> None:
+        """Drop the reader and fail every batch still waiting on the child, which is not used again."""
+        self._broken = True
+        if self._loop is not None and self._answers is not None and not self._answers.closed:
+            self._loop.remove_reader(self._answers.fileno())
+        while self._pending:
+            future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(ModelProcessDown(f"{why}; it is restarted"))
+
+    async def recall(self, rt: Runtime, jobs: Sequence[RecallJob]) -> tuple[list[Found], BatchTimings]:
+        """One batch through the child. Up to IN_FLIGHT batches may be out at once (MicroBatcher in_flight)."""
+        if not self._alive():
+            await self._revive()
+        assert self._loop is not None and self._batches is not None
+        seq = self._sent
+        self._sent += 1
+        future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._pending.append(future)
+        try:
+            # a blocking write on the event loop: a batch is a few kB and the child reads its pipe between batches
+            msg = {"seq": seq, "versions": rt.versions, "jobs": [encode_job(j) for j in jobs]}
+            self._batches.send_bytes(orjson.dumps(msg))
+        except OSError as err:
+            self._stop_reading(f"model process unreachable ({type(err).__name__})")
+            raise ModelProcessDown(f"model process unreachable ({type(err).__name__}); it is restarted") from None
+        reply = await future
+        if reply.get("seq") != seq:  # never hand one batch's items to another: start over with a new child
+            self._stop_reading("model process out of step")
             self._proc.kill()
-            self._proc.join(5)
-            raise ModelProcessDown(f"model process answered batch {reply.get('seq')} for {ticket}; it is restarted")
+            raise ModelProcessDown(f"model process answered batch {reply.get('seq')} for {seq}; it is restarted")
         if "error" in reply:
             raise ModelProcessDown(f"model process: {reply['error']}")
         return [Found(*f) for f in reply["found"]], BatchTimings(reply["tower"], reply["search"])
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        for conn in (self._work, self._control):
+    def _close_child(self, timeout_s: float = 5.0) -> None:
+        for conn in (self._batches, self._answers, self._control):
             if conn is not None:
                 conn.close()
         if self._proc is not None:
@@ -245,4 +293,8 @@ class ModelProcess:
             if self._proc.is_alive():
                 self._proc.kill()
                 self._proc.join()
-        self._proc = self._work = self._control = None
+        self._proc = self._batches = self._answers = self._control = None
+
+    async def close(self) -> None:
+        self._stop_reading("service shutting down")
+        await asyncio.to_thread(self._close_child)

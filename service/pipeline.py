@@ -20,7 +20,7 @@ from service.batcher import MicroBatcher
 from service.metrics import Metrics
 from service.model_process import ModelProcess, ModelProcessDown
 from service.reload import RuntimeHolder
-from service.runtime import Found, RecallJob, Runtime
+from service.runtime import BatchTimings, Found, RecallJob, Runtime
 from service.schemas import (
     EventsRequest,
     EventsResponse,
@@ -58,12 +58,23 @@ class Services:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
 
-def recall_batch(metrics: Metrics, remote: ModelProcess | None, rt: Runtime, jobs: Sequence[RecallJob]) -> list[Found]:
-    """Model-thread entry of a (micro-)batch: run here, or handed to the model process (QUIVER_MODEL_PROCESS)."""
-    hits, timings = remote.recall(rt, jobs) if remote is not None else rt.recall(jobs)
+def recall_batch(metrics: Metrics, rt: Runtime, jobs: Sequence[RecallJob]) -> list[Found]:
+    """Model-thread entry of a (micro-)batch."""
+    hits, timings = rt.recall(jobs)
+    _observe(metrics, timings)
+    return hits
+
+
+async def recall_remote(metrics: Metrics, remote: ModelProcess, rt: Runtime, jobs: Sequence[RecallJob]) -> list[Found]:
+    """A (micro-)batch through the model process (QUIVER_MODEL_PROCESS), awaited on the event loop."""
+    hits, timings = await remote.recall(rt, jobs)
+    _observe(metrics, timings)
+    return hits
+
+
+def _observe(metrics: Metrics, timings: BatchTimings) -> None:
     metrics.stages["user_tower"].observe(timings.user_tower)
     metrics.stages["search"].observe(timings.search)
-    return hits
 
 
 async def user_state(svc: Services, rt: Runtime, req: UserInput, tower: bool = True) -> tuple[UserState, list[str]]:
@@ -131,8 +142,10 @@ async def recall(svc: Services, rt: Runtime, req: RecallRequest) -> dict[str, An
     try:
         if svc.batcher is not None:
             found = await svc.batcher.submit(rt, job)
+        elif svc.model_process is not None:
+            found = (await recall_remote(svc.metrics, svc.model_process, rt, [job]))[0]
         else:
-            found = (await svc.on_model_thread(recall_batch, svc.metrics, svc.model_process, rt, [job]))[0]
+            found = (await svc.on_model_thread(recall_batch, svc.metrics, rt, [job]))[0]
     except ModelProcessDown as err:
         raise HTTPException(503, detail=f"recall: {err}") from None
     body = _answer(rt, state, unknown, ignored)
