@@ -5,7 +5,8 @@ same way in the same run; the bare FastAPI floor beside them as context.
 What runs, in order (each server in its own process, the load from bench/loadgen.py in another: asyncio, raw
 HTTP/1.1 keep-alive):
   1. `recall`: quiver-serve over the served index (default `--index auto`: quiver-index's pick, the fastest layout
-     at the recall floor), one worker, micro-batching on (the service default). --repeats (3) saturation runs:
+     at the recall floor), one worker, micro-batching on (the service default), QUIVER_MODEL_PROCESS per
+     --model-process (default on). --repeats (3) saturation runs:
      closed loop, --connections connections, --warmup + --seconds each; `rps_recall` is their median. Then the
      fixed rate at --load (0.5) x rps_recall, open loop (request i due at t0 + i/rate; latency from its due time to
      its last byte, queueing counted), one continuous run cut into --p99-windows (3) windows of --p99-seconds (30):

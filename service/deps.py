@@ -5,7 +5,7 @@ request for nothing.
 """
 
 import hmac
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from fastapi import Depends, Header, HTTPException, Request
 
@@ -33,6 +33,20 @@ async def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+class Serving(NamedTuple):
+    svc: Services
+    rt: Runtime
+
+
+async def get_serving(request: Request) -> Serving:
+    """Both at once, for /recall and /rank: FastAPI resolves each dependency of a route on every request (a cache
+    key, scope checks), on the event loop every request shares, so the hot routes take one."""
+    return Serving(request.app.state.services, await get_runtime(request))
+
+
+ServingDep = Annotated[Serving, Depends(get_serving)]
 
 
 async def require_admin(

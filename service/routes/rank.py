@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 
 from service import pipeline
-from service.deps import RuntimeDep, ServicesDep
+from service.deps import ServingDep
 from service.errors import error_responses
 from service.responses import JSON
 from service.schemas import RankRequest, RankResponse
@@ -12,6 +12,6 @@ router = APIRouter(tags=["retrieval"])
 
 
 @router.post("/rank", response_model=RankResponse, responses=error_responses(408, 413, 422, 503))
-async def rank(req: RankRequest, svc: ServicesDep, rt: RuntimeDep) -> JSON:
+async def rank(req: RankRequest, serving: ServingDep) -> JSON:
     """The given candidates in the TDM ranker's order (unknown ids reported, not scored)."""
-    return JSON(await pipeline.rank(svc, rt, req))  # a RankResponse body
+    return JSON(await pipeline.rank(serving.svc, serving.rt, req))  # a RankResponse body

@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 
 from service import pipeline
-from service.deps import RuntimeDep, ServicesDep
+from service.deps import ServingDep
 from service.errors import error_responses
 from service.responses import JSON
 from service.schemas import RecallRequest, RecallResponse
@@ -12,6 +12,6 @@ router = APIRouter(tags=["retrieval"])
 
 
 @router.post("/recall", response_model=RecallResponse, responses=error_responses(404, 408, 413, 422, 503))
-async def recall(req: RecallRequest, svc: ServicesDep, rt: RuntimeDep) -> JSON:
+async def recall(req: RecallRequest, serving: ServingDep) -> JSON:
     """The user's top-k items from the index, optionally reordered by the TDM ranker (`rerank`)."""
-    return JSON(await pipeline.recall(svc, rt, req))  # a RecallResponse body
+    return JSON(await pipeline.recall(serving.svc, serving.rt, req))  # a RecallResponse body
