@@ -34,6 +34,7 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -97,15 +98,16 @@ def _child_main(batches: Connection, answers: Connection, control: Connection, t
             except EOFError:
                 return
             try:
+                # loaded every time it is asked, as the HTTP process does (a forced reload after files were fixed
+                # in place names the same versions); the ranker stays in the HTTP process
                 versions: Versions = tuple(msg["versions"])  # type: ignore[assignment]
-                if versions not in held:
-                    target = Target(msg["model"], msg["index"], None, versions)  # the ranker stays in the HTTP process
-                    rt = load_runtime(target)
-                    with lock:
-                        held[versions] = rt
-                        for old in list(held)[:-KEEP]:
-                            del held[old]
-                    settle_heap()
+                rt = load_runtime(Target(Path(msg["model"]), Path(msg["index"]), None, versions))
+                with lock:
+                    held.pop(versions, None)
+                    held[versions] = rt  # the newest last
+                    for old in list(held)[:-KEEP]:
+                        del held[old]
+                settle_heap()
                 reply: dict[str, Any] = {"ok": True}
             except Exception as err:  # reported to the reload, which refuses the triple
                 reply = {"error": f"{type(err).__name__}: {err}"[:1000]}
@@ -227,7 +229,8 @@ class ModelProcess:
                 self._ask(target)
             except (EOFError, OSError) as err:
                 raise QuiverError(f"model process died while loading ({type(err).__name__})") from None
-            self._targets[target.versions] = target
+            self._targets.pop(target.versions, None)
+            self._targets[target.versions] = target  # the newest last
             for old in list(self._targets)[:-KEEP]:
                 del self._targets[old]
 
