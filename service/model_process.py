@@ -141,7 +141,7 @@ def _child_main(batches: Connection, answers: Connection, control: Connection, t
 
 
 class ModelProcess:
-    """The HTTP process's end. Batches go out and their answers come back on the event loop: the work pipe has a
+    """The HTTP process's end. Batches go out and their answers come back on the event loop: the answers pipe has a
     reader there, so an answer is handed to its waiting request without a thread and without waiting for the GIL
     (a model thread blocked on the pipe would have to win the GIL back from a busy event loop for every batch).
     Loads go over the control pipe from the reload's thread. Starting and replacing the child happen on the event
