@@ -13,12 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import HTTPException
 
 from index.filter import FilterError
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
-from service.model_process import ModelProcess, ModelProcessDown
+from service.model_process import ModelProcess, ModelProcessDown, Rendered
 from service.reload import RuntimeHolder
 from service.runtime import BatchTimings, Found, RecallJob, Runtime
 from service.schemas import (
@@ -51,7 +52,7 @@ class Services:
     holder: RuntimeHolder
     executor: ThreadPoolExecutor
     store: RedisStore | None
-    batcher: MicroBatcher[Runtime, RecallJob, Found] | None
+    batcher: MicroBatcher[Runtime, RecallJob, Found | Rendered] | None
     model_process: ModelProcess | None = None
 
     async def on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -65,8 +66,11 @@ def recall_batch(metrics: Metrics, rt: Runtime, jobs: Sequence[RecallJob]) -> li
     return hits
 
 
-async def recall_remote(metrics: Metrics, remote: ModelProcess, rt: Runtime, jobs: Sequence[RecallJob]) -> list[Found]:
-    """A (micro-)batch through the model process (QUIVER_MODEL_PROCESS), awaited on the event loop."""
+async def recall_remote(
+    metrics: Metrics, remote: ModelProcess, rt: Runtime, jobs: Sequence[RecallJob]
+) -> list[Found | Rendered]:
+    """A (micro-)batch through the model process (QUIVER_MODEL_PROCESS), awaited on the event loop; the jobs that
+    asked for it come back as their answer's items in JSON."""
     hits, timings = await remote.recall(rt, jobs)
     _observe(metrics, timings)
     return hits
@@ -138,7 +142,8 @@ async def recall(svc: Services, rt: Runtime, req: RecallRequest) -> dict[str, An
             flt = rt.attributes.parse(plain)
         except FilterError as err:
             raise field_error(422, ["body", "filter", *([err.column] if err.column else [])], str(err)) from None
-    job = RecallJob(state, fetch, exclude, flt)
+    job = RecallJob(state, fetch, exclude, flt, render=not req.rerank)
+    found: Found | Rendered
     try:
         if svc.batcher is not None:
             found = await svc.batcher.submit(rt, job)
@@ -152,6 +157,8 @@ async def recall(svc: Services, rt: Runtime, req: RecallRequest) -> dict[str, An
     # cached by the search that just ran
     matches = rt.passing(flt).count if flt is not None else None
     items: list[ScoredItem]
+    if isinstance(found, Rendered):  # built by the model process
+        return {**body, "items": orjson.Fragment(found.items_json), "filter_matches": matches}
     if not req.rerank:
         items = [{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*found, strict=True)]
         return {**body, "items": items, "filter_matches": matches}

@@ -64,6 +64,7 @@ class RecallJob:
     fetch: int  # how many items to retrieve (k, or the rerank depth)
     exclude: list[str]  # item ids to leave out
     filter: Filter | None = None  # attributes every item must have (parsed by Runtime.attributes.parse)
+    render: bool = False  # the answer's items as JSON will do (no rerank): the model process then sends them so
 
 
 class Found(NamedTuple):

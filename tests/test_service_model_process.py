@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from index.filter import Filter
@@ -22,10 +23,18 @@ from models.errors import QuiverError
 from service.app import create_app
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
-from service.model_process import ModelProcess, decode_job, encode_job
+from service.model_process import (
+    ModelProcess,
+    Rendered,
+    _answer_run,
+    decode_answer,
+    decode_job,
+    encode_answer,
+    encode_job,
+)
 from service.reload import RuntimeHolder
-from service.runtime import RecallJob
-from service.userstate import UserState
+from service.runtime import BatchTimings, Found, RecallJob, find_target, load_runtime
+from service.userstate import UserState, resolve
 from tests.serving import Tree, quiver_serve, running, running_app, settings
 
 TOKEN = {"X-Quiver-Admin-Token": "s3cret"}
@@ -156,16 +165,53 @@ def test_two_workers_each_with_a_model_process(tree: Tree, tmp_path: Path, redis
 def test_jobs_cross_the_pipe_unchanged() -> None:
     state = UserState("u1", {"user_id": "u1", "age": 3}, ["a", "b"], "redis", True, ["x"], [10, 20])
     flt = Filter((("category", "in", ("A", "B")), ("price", "range", (("lt", 5.0),)), ("stock", "is", True)))
-    import orjson
-
-    for job in (RecallJob(state, 10, ["a"], flt), RecallJob(state, 3, [], None)):
+    for job in (RecallJob(state, 10, ["a"], flt), RecallJob(state, 3, [], None, render=True)):
         back = decode_job(orjson.loads(orjson.dumps(encode_job(job))))
+        assert back.render == job.render
         assert back.filter == job.filter and (back.filter is None or hash(back.filter.key) == hash(job.filter.key))
         assert (back.fetch, back.exclude) == (job.fetch, job.exclude)
         s = back.state
         assert (s.user_id, s.profile, s.history, s.history_time, s.known) == (
             "u1", {"user_id": "u1", "age": 3}, ["a", "b"], [10, 20], True
         )  # fmt: skip
+
+
+def test_answers_cross_the_pipe_as_found_or_as_the_items_json() -> None:
+    state = UserState("u1", None, [], "bundle", True, [], None)
+    jobs = [RecallJob(state, 2, [], render=True), RecallJob(state, 2, []), RecallJob(state, 0, [], render=True)]
+    found = [Found(["a", '\u00e9"q'], [0.5, -1.25e-3], [0, 1]), Found(["c"], [2.0], [0]), Found([], [], [])]
+    back = decode_answer(encode_answer(7, jobs, found, BatchTimings(0.25, 0.5)))
+    assert (back["seq"], back["tower"], back["search"]) == (7, 0.25, 0.5)
+    first, second, third = back["found"]
+    assert isinstance(first, Rendered) and isinstance(third, Rendered) and second == found[1]
+    # what the pipeline would have built from the Found, item for item
+    assert orjson.loads(first.items_json) == [
+        {"item_id": "a", "score": 0.5, "interest": 0},
+        {"item_id": '\u00e9"q', "score": -1.25e-3, "interest": 1},
+    ]
+    assert orjson.loads(third.items_json) == []
+
+
+def test_batches_that_queued_together_are_computed_as_one_and_answered_each(tree: Tree) -> None:
+    rt = load_runtime(find_target(settings(tree)))
+    state = [resolve(u, rt.users, None, False, None, None, None) for u in ("u001", "u002", "u003", "nobody")]
+    first = [RecallJob(state[0], 5, [], render=True), RecallJob(state[1], 3, ["i0001"])]
+    second = [RecallJob(state[2], 4, [], render=True), RecallJob(state[3], 2, [])]
+    msgs = [{"seq": s, "versions": list(rt.versions), "jobs": [encode_job(j) for j in jobs]}
+            for s, jobs in ((7, first), (8, second))]  # fmt: skip
+    outs = [decode_answer(out) for out in _answer_run(rt, orjson.loads(orjson.dumps(msgs)))]
+    assert [o["seq"] for o in outs] == [7, 8]
+    for out, jobs in zip(outs, (first, second), strict=True):
+        alone, _ = rt.recall(jobs)  # each batch by itself
+        for got, job, want in zip(out["found"], jobs, alone, strict=True):
+            if job.render:
+                items = orjson.loads(got.items_json)
+                got = Found([i["item_id"] for i in items], [i["score"] for i in items], [i["interest"] for i in items])
+            assert got.item_ids == want.item_ids and got.interests == want.interests and len(got.item_ids) == job.fetch
+            assert got.scores == pytest.approx(want.scores, abs=1e-5)
+    # a triple the child does not hold fails every batch of the run, by its own seq
+    outs = [decode_answer(out) for out in _answer_run(None, msgs)]
+    assert [(o["seq"], "not loaded" in o["error"]) for o in outs] == [(7, True), (8, True)]
 
 
 def test_a_load_the_model_process_refuses_refuses_the_triple(tree: Tree) -> None:

@@ -5,10 +5,11 @@ from fastapi import APIRouter
 from service import pipeline
 from service.deps import ServingDep
 from service.errors import error_responses
+from service.lean_route import LeanRoute
 from service.responses import JSON
 from service.schemas import RankRequest, RankResponse
 
-router = APIRouter(tags=["retrieval"])
+router = APIRouter(tags=["retrieval"], route_class=LeanRoute)
 
 
 @router.post("/rank", response_model=RankResponse, responses=error_responses(408, 413, 422, 503))

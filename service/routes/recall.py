@@ -5,10 +5,11 @@ from fastapi import APIRouter
 from service import pipeline
 from service.deps import ServingDep
 from service.errors import error_responses
+from service.lean_route import LeanRoute
 from service.responses import JSON
 from service.schemas import RecallRequest, RecallResponse
 
-router = APIRouter(tags=["retrieval"])
+router = APIRouter(tags=["retrieval"], route_class=LeanRoute)
 
 
 @router.post("/recall", response_model=RecallResponse, responses=error_responses(404, 408, 413, 422, 503))
