@@ -65,6 +65,9 @@ class RecallJob:
     exclude: list[str]  # item ids to leave out
     filter: Filter | None = None  # attributes every item must have (parsed by Runtime.attributes.parse)
     render: bool = False  # the answer's items as JSON will do (no rerank): the model process then sends them so
+    # `exclude` as this triple's index labels, when the caller looked them up already (the HTTP process does, for the
+    # model process: its event loop has spare time, the child sets the rate); None: looked up from `exclude`
+    exclude_labels: list[int] | None = None
 
 
 class Found(NamedTuple):
@@ -139,14 +142,17 @@ class Runtime:
         rows = self.rows
         return [r for i in item_ids if (r := rows.get(i)) is not None]
 
-    def popular(self, fetch: int, exclude: Sequence[str], passing: Passing | None = None) -> Found:
+    def excluded(self, job: RecallJob) -> list[int]:
+        return job.exclude_labels if job.exclude_labels is not None else self.labels(job.exclude)
+
+    def popular(self, fetch: int, excluded: Sequence[int], passing: Passing | None = None) -> Found:
         """The most popular items not excluded (and passing the filter): the answer for a user nobody knows."""
         order, score = self._popular_order, self._popular_score
         if passing is not None:
             keep = passing.mask[order]
             order, score = order[keep], score[keep]
-        head = order[: fetch + len(exclude)]  # enough even if every excluded item is in it
-        keep = ~np.isin(head, np.asarray(self.labels(exclude), dtype=np.int64))
+        head = order[: fetch + len(excluded)]  # enough even if every excluded item is in it
+        keep = ~np.isin(head, np.asarray(excluded, dtype=np.int64))
         labels, scores = head[keep][:fetch], score[: len(head)][keep][:fetch]
         return Found(self.index.ids[labels].tolist(), scores.tolist(), [0] * len(labels))
 
@@ -179,7 +185,7 @@ class Runtime:
             for key, members in groups.items():
                 rows = np.asarray(members)
                 width = max(jobs[tower[r]].fetch for r in members)
-                banned = [self.labels(jobs[tower[r]].exclude) for r in members]
+                banned = [self.excluded(jobs[tower[r]]) for r in members]
                 found = search_vectors(
                     self.index.index, vectors[rows], mask[rows], width, banned, passing.get(key) if key else None
                 )
@@ -191,7 +197,7 @@ class Runtime:
             timings.user_tower, timings.search = t1 - t0, time.perf_counter() - t1
         for j, job in enumerate(jobs):
             if job.state.popularity_only:
-                out[j] = self.popular(job.fetch, job.exclude, passing[job.filter.key] if job.filter else None)
+                out[j] = self.popular(job.fetch, self.excluded(job), passing[job.filter.key] if job.filter else None)
         return out, timings
 
     def rank(
