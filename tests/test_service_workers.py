@@ -58,13 +58,13 @@ def test_an_admin_reload_reaches_both_workers(two_workers: tuple[Tree, str]) -> 
     assert recall.status_code == 200 and len(recall.json()["items"]) == 7
 
 
-def _server_side(port: int) -> Counter[int]:
-    """Established connections whose local port is `port`, by the process holding them (Linux /proc)."""
+def _server_side(port: int, state: str = "01") -> Counter[int]:
+    """Sockets on local port `port` in a TCP state (01: established, 0A: listening), by the process holding them."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for row in Path(table).read_text().splitlines()[1:]:
             f = row.split()
-            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 01: ESTABLISHED
+            if f[3] == state and int(f[1].rsplit(":", 1)[1], 16) == port:
                 inodes.add(f[9])
     held: Counter[int] = Counter()
     for proc in Path("/proc").iterdir():
@@ -115,7 +115,7 @@ def test_keep_alive_connections_spread_over_both_workers(two_workers: tuple[Tree
 
 
 @pytest.mark.skipif(not balanced(), reason="the SO_REUSEPORT supervisor is Linux-only")
-def test_a_killed_worker_is_replaced_and_no_request_fails(two_workers: tuple[Tree, str]) -> None:
+def test_a_killed_worker_is_replaced_and_no_request_fails(two_workers: tuple[Tree, str], tmp_path: Path) -> None:
     _, url = two_workers
     port = int(url.rsplit(":", 1)[1])
     conns = _keep_alive(port, 16)
@@ -130,9 +130,14 @@ def test_a_killed_worker_is_replaced_and_no_request_fails(two_workers: tuple[Tre
         assert time.monotonic() < deadline
         time.sleep(0.01)
     while True:  # fresh connections meanwhile: the survivor's socket takes them all, none is refused or fails
-        r = httpx.post(f"{url}/recall", json={"user_id": "u001", "k": 5}, timeout=30)
-        assert r.status_code == 200 and len(r.json()["items"]) == 5
-        conns = _keep_alive(port, 16)
+        try:
+            r = httpx.post(f"{url}/recall", json={"user_id": "u001", "k": 5}, timeout=30)
+            assert r.status_code == 200 and len(r.json()["items"]) == 5
+            conns = _keep_alive(port, 16)
+        except (OSError, httpx.TransportError) as err:  # a reset seen ~1 run in 5 under load, cause not found yet
+            log = (tmp_path / "serve.log").read_text(errors="replace")[-4000:]
+            seen = f"victim {victim}, listening {_server_side(port, '0A')}, connected {_server_side(port)}"
+            raise AssertionError(f"{type(err).__name__}: {err}; {seen}; log:\n{log}") from err
         now = set(_server_side(port))
         for s in conns:
             s.close()
