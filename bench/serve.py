@@ -1012,7 +1012,7 @@ def inprocess_main(spec_path: str) -> int:
         c = time.perf_counter()
         n = 0
         for f in found:
-            items = [{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*f, strict=True)]
+            items = f.items()
             n += len(items) == k
         d = time.perf_counter()
         parts["user_state"] += b - a

@@ -100,8 +100,8 @@ def decode_job(row: list[Any]) -> RecallJob:
 
 
 def render_items(found: Found) -> bytes:
-    """The `items` of a /recall answer without rerank, as service/pipeline.py would build them."""
-    return orjson.dumps([{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*found, strict=True)])
+    """The `items` of a /recall answer without rerank, as JSON."""
+    return orjson.dumps(found.items())
 
 
 def encode_answer(seq: int, jobs: Sequence[RecallJob], found: Sequence[Found], timings: BatchTimings) -> bytes:

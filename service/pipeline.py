@@ -160,7 +160,7 @@ async def recall(svc: Services, rt: Runtime, req: RecallRequest) -> dict[str, An
     if isinstance(found, Rendered):  # built by the model process
         return {**body, "items": orjson.Fragment(found.items_json), "filter_matches": matches}
     if not req.rerank:
-        items = [{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*found, strict=True)]
+        items = found.items()
         return {**body, "items": items, "filter_matches": matches}
     retrieved = {i: (s, t) for i, s, t in zip(*found, strict=True)}
     t0 = time.perf_counter()

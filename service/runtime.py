@@ -27,6 +27,7 @@ from models.errors import QuiverError
 from models.inputs import history_codes, history_length, history_times, to_batch, user_features
 from models.rank import Ranker, retriever_model
 from models.sequence import HIST_TIME, reads_time
+from service.schemas import ScoredItem
 from service.settings import Settings
 from service.userstate import BundleUsers, UserState
 
@@ -64,7 +65,7 @@ class RecallJob:
     fetch: int  # how many items to retrieve (k, or the rerank depth)
     exclude: list[str]  # item ids to leave out
     filter: Filter | None = None  # attributes every item must have (parsed by Runtime.attributes.parse)
-    render: bool = False  # the answer's items as JSON will do (no rerank): the model process then sends them so
+    render: bool = False  # the answer's items as JSON will do (no rerank): the model process then renders them
     # `exclude` as this triple's index labels, when the caller looked them up already (the HTTP process does, for the
     # model process: its event loop has spare time, the child sets the rate); None: looked up from `exclude`
     exclude_labels: list[int] | None = None
@@ -76,6 +77,10 @@ class Found(NamedTuple):
     item_ids: list[str]
     scores: list[float]
     interests: list[int]  # which interest vector found each item (0 for single-vector models)
+
+    def items(self) -> list[ScoredItem]:
+        """The `items` of a /recall answer without rerank."""
+        return [{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*self, strict=True)]
 
 
 @dataclass
