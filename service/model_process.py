@@ -14,8 +14,12 @@ pickled data:
 
     control (reloads, one at a time):  {"op": "load", "model": dir, "index": dir, "versions": [m, i, r]}
                                        -> {"ok": true} | {"error": "..."}
-    batches -> answers (in order):     {"seq": n, "versions": [m, i, r], "jobs": [job, ...]}
+    batches -> answers (in order):     head {"seq": n, "versions": [m, i, r], "jobs": [job, ...],
+                                                 "inputs": [[name, dtype, shape], ...] | null} + arrays
                                        -> head + items | {"seq": n, "error": "..."}
+    A batch's head comes after 4 bytes of its length, then the personalised jobs' tower inputs
+    (`Runtime.tower_inputs`), each array's raw bytes in the head's order: the HTTP process encodes the features
+    (profile codes, history id hashing), the child only runs the tower and the search.
     head: {"seq": n, "found": [[ids, scores, interests] | nbytes, ...], "tower": s, "search": s}, after 4 bytes of
     its length; then, for each job that asked for it (`RecallJob.render`: no rerank), its answer's `items` as
     JSON bytes, `nbytes` long, in job order.
@@ -41,17 +45,19 @@ import multiprocessing as mp
 import os
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import orjson
 
 from index.filter import Filter
 from models.errors import QuiverError
-from service.runtime import BatchTimings, Found, RecallJob, Runtime, Target
+from service.runtime import BatchTimings, Found, RecallJob, Runtime, Target, TowerInputs
 from service.userstate import UserState
 
 log = logging.getLogger("quiver.model_process")
@@ -80,11 +86,11 @@ HEAD = struct.Struct(">I")  # the length of an answer's JSON head
 def encode_job(job: RecallJob, rt: Runtime) -> list[Any]:
     """The excluded items travel as `rt`'s index labels: the batch names rt's versions, so the child reads them in the
     same label map, and the dict probes (about 1 µs an id in a 1M-item map) are paid by the HTTP process, which has
-    the spare time at saturation, not by the child, which sets the rate."""
-    s = job.state
+    the spare time at saturation, not by the child, which sets the rate. The user's state travels as its tower
+    inputs (`encode_batch`), so a job says only whether the tower runs for it."""
     clauses = job.filter.clauses if job.filter is not None else None
-    excluded = rt.excluded(job)
-    return [s.user_id, s.profile, s.history, s.history_time, s.known, job.fetch, excluded, clauses, job.render]
+    personal = not job.state.popularity_only
+    return [job.state.user_id, personal, job.fetch, rt.excluded(job), clauses, job.render]
 
 
 def _tuples(value: Any) -> Any:
@@ -93,10 +99,46 @@ def _tuples(value: Any) -> Any:
 
 
 def decode_job(row: list[Any]) -> RecallJob:
-    user_id, profile, history, history_time, known, fetch, excluded, clauses, render = row
-    state = UserState(user_id, profile, history, "", known, [], history_time)
+    user_id, personal, fetch, excluded, clauses, render = row
+    # the child reads only whether the tower runs (UserState.popularity_only: not known and no history); the
+    # profile and history arrived encoded
+    state = UserState(user_id, {}, [], "", bool(personal), [], None)
     flt = Filter(_tuples(clauses)) if clauses is not None else None
     return RecallJob(state, fetch, [], flt, render, exclude_labels=excluded)
+
+
+def encode_batch(seq: int, rt: Runtime, jobs: Sequence[RecallJob]) -> bytes:
+    """A batch for the child: its head, then the personalised jobs' tower inputs as raw arrays (job order)."""
+    personal = [job.state for job in jobs if not job.state.popularity_only]
+    inputs = rt.tower_inputs(personal) if personal else {}
+    arrays = [np.ascontiguousarray(a) for a in inputs.values()]
+    head = orjson.dumps(
+        {
+            "seq": seq,
+            "versions": rt.versions,
+            "jobs": [encode_job(j, rt) for j in jobs],
+            "inputs": [[name, a.dtype.str, a.shape] for name, a in zip(inputs, arrays, strict=True)] or None,
+        }
+    )
+    return b"".join([HEAD.pack(len(head)), head, *(a.data for a in arrays)])
+
+
+def decode_batch(data: bytes) -> tuple[dict[str, Any], TowerInputs | None]:
+    """The head and the tower inputs (None: no personalised job)."""
+    (n,) = HEAD.unpack_from(data)
+    head = orjson.loads(data[HEAD.size : HEAD.size + n])
+    if head.get("inputs") is None:
+        return head, None
+    at, inputs = HEAD.size + n, {}
+    for name, dtype, shape in head["inputs"]:
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape))
+        # a copy: torch reads only writable arrays, and the message's bytes are not
+        inputs[name] = np.frombuffer(data, dtype=dt, count=count, offset=at).reshape(shape).copy()
+        at += count * dt.itemsize
+    if at != len(data):
+        raise ValueError(f"batch {head.get('seq')}: {len(data) - at} bytes beyond its inputs")
+    return head, inputs
 
 
 def render_items(found: Found) -> bytes:
@@ -177,26 +219,31 @@ def _child_main(batches: Connection, answers: Connection, control: Connection, t
     threading.Thread(target=loader, name="quiver-model-loader", daemon=True).start()
     while True:
         try:
-            waiting = [orjson.loads(batches.recv_bytes())]
+            waiting = [decode_batch(batches.recv_bytes())]
             while batches.poll():  # what else queued while the last batch ran: one tower pass and search for all
-                waiting.append(orjson.loads(batches.recv_bytes()))
+                waiting.append(decode_batch(batches.recv_bytes()))
         except EOFError:  # the HTTP process closed the pipe or died: nothing left to serve
             return
         start = 0
         for end in range(1, len(waiting) + 1):  # runs of batches on the same triple, in the order they came
-            if end == len(waiting) or waiting[end]["versions"] != waiting[start]["versions"]:
-                for out in _answer_run(held.get(tuple(waiting[start]["versions"])), waiting[start:end]):
+            if end == len(waiting) or waiting[end][0]["versions"] != waiting[start][0]["versions"]:
+                for out in _answer_run(held.get(tuple(waiting[start][0]["versions"])), waiting[start:end]):
                     answers.send_bytes(out)
                 start = end
 
 
-def _answer_run(rt: Runtime | None, msgs: list[dict[str, Any]]) -> list[bytes]:
+def _answer_run(rt: Runtime | None, batches: list[tuple[dict[str, Any], TowerInputs | None]]) -> list[bytes]:
     """The answers to consecutive batches on one triple, computed as one batch (each gets its share of the time)."""
+    msgs = [m for m, _ in batches]
     if rt is None:
         return [_error_answer(m["seq"], f"triple {m['versions']} is not loaded") for m in msgs]
     try:
         per_msg = [[decode_job(j) for j in m["jobs"]] for m in msgs]
-        found, timings = rt.recall([job for jobs in per_msg for job in jobs])
+        parts = [inputs for _, inputs in batches if inputs is not None]
+        inputs = None
+        if parts:
+            inputs = parts[0] if len(parts) == 1 else {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+        found, timings = rt.recall([job for jobs in per_msg for job in jobs], inputs)
         total, at, outs = max(len(found), 1), 0, []
         for m, jobs in zip(msgs, per_msg, strict=True):
             share = len(jobs) / total
@@ -339,13 +386,15 @@ class ModelProcess:
             await self._revive()
         assert self._loop is not None and self._batches is not None
         seq = self._sent
+        t0 = time.perf_counter()
+        msg = encode_batch(seq, rt, jobs)  # the features' encoding: part of the tower's time
+        encoding = time.perf_counter() - t0
         self._sent += 1
         future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._pending.append(future)
         try:
             # a blocking write on the event loop: a batch is a few kB and the child reads its pipe between batches
-            msg = {"seq": seq, "versions": rt.versions, "jobs": [encode_job(j, rt) for j in jobs]}
-            self._batches.send_bytes(orjson.dumps(msg))
+            self._batches.send_bytes(msg)
         except OSError as err:
             self._stop_reading(f"model process unreachable ({type(err).__name__})")
             raise ModelProcessDown(f"model process unreachable ({type(err).__name__}); it is restarted") from None
@@ -356,7 +405,7 @@ class ModelProcess:
             raise ModelProcessDown(f"model process answered batch {reply.get('seq')} for {seq}; it is restarted")
         if "error" in reply:
             raise ModelProcessDown(f"model process: {reply['error']}")
-        return reply["found"], BatchTimings(reply["tower"], reply["search"])
+        return reply["found"], BatchTimings(encoding + reply["tower"], reply["search"])
 
     def _close_child(self, timeout_s: float = 5.0) -> None:
         for conn in (self._batches, self._answers, self._control):

@@ -83,6 +83,9 @@ class Found(NamedTuple):
         return [{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*self, strict=True)]
 
 
+TowerInputs = dict[str, np.ndarray]  # feature name -> (B,) or (B, L) codes / values
+
+
 @dataclass
 class BatchTimings:
     user_tower: float = 0.0
@@ -161,27 +164,40 @@ class Runtime:
         labels, scores = head[keep][:fetch], score[: len(head)][keep][:fetch]
         return Found(self.index.ids[labels].tolist(), scores.tolist(), [0] * len(labels))
 
-    @torch.inference_mode()
-    def user_vectors(self, states: Sequence[UserState]) -> tuple[np.ndarray, np.ndarray]:
-        """(B, K, D) float32 interest vectors and their (B, K) mask, one tower pass for the whole batch."""
+    def tower_inputs(self, states: Sequence[UserState]) -> TowerInputs:
+        """The user tower's encoded features for a batch of states: profile codes, (B, L) history codes (and times
+        for a time-reading model). Pure lookups and hashing, no weights: the model process's HTTP side computes
+        them, so the child, which sets the rate at saturation, only runs the tower."""
         enc = self.model.encoder
         table = self.users.profile_table([s.profile for s in states])
         feats = user_features(enc, table) | history_codes(enc, [s.history for s in states], self.history_len)
         if self.reads_time:  # a history without times is read as clicks at one instant (flagged degraded)
             clocks = [s.history_time if s.history_time is not None else [0] * len(s.history) for s in states]
             feats[HIST_TIME] = history_times(clocks, self.history_len)
+        return feats
+
+    @torch.inference_mode()
+    def tower(self, feats: TowerInputs) -> tuple[np.ndarray, np.ndarray]:
+        """(B, K, D) float32 interest vectors and their (B, K) mask, one tower pass for the whole batch."""
         vectors, mask = self.retriever.interests(to_batch(feats, slice(None), torch.device("cpu")))
         return vectors.float().numpy(), mask.numpy()
 
-    def recall(self, jobs: Sequence[RecallJob]) -> tuple[list[Found], BatchTimings]:
-        """Top-`fetch` items per job: every personalised job's interests in one tower pass and one index search."""
+    def user_vectors(self, states: Sequence[UserState]) -> tuple[np.ndarray, np.ndarray]:
+        return self.tower(self.tower_inputs(states))
+
+    def recall(self, jobs: Sequence[RecallJob], inputs: TowerInputs | None = None) -> tuple[list[Found], BatchTimings]:
+        """Top-`fetch` items per job: every personalised job's interests in one tower pass and one index search.
+
+        inputs: the personalised jobs' tower inputs, in job order, when the caller encoded them (`tower_inputs`)."""
         timings = BatchTimings()
         out = [Found([], [], [])] * len(jobs)
         passing = {job.filter.key: self.passing(job.filter) for job in jobs if job.filter is not None}
         tower = [j for j, job in enumerate(jobs) if not job.state.popularity_only]
         if tower:
             t0 = time.perf_counter()
-            vectors, mask = self.user_vectors([jobs[j].state for j in tower])
+            if inputs is None:
+                inputs = self.tower_inputs([jobs[j].state for j in tower])
+            vectors, mask = self.tower(inputs)
             t1 = time.perf_counter()
             groups: dict[Any, list[int]] = {}  # one search per distinct filter (None: unfiltered)
             for r, j in enumerate(tower):

@@ -28,9 +28,10 @@ from service.model_process import (
     Rendered,
     _answer_run,
     decode_answer,
+    decode_batch,
     decode_job,
     encode_answer,
-    encode_job,
+    encode_batch,
 )
 from service.reload import RuntimeHolder
 from service.runtime import BatchTimings, Found, RecallJob, find_target, load_runtime
@@ -162,23 +163,39 @@ def test_two_workers_each_with_a_model_process(tree: Tree, tmp_path: Path, redis
             assert r.status_code == 200 and len(r.json()["items"]) == 6
 
 
-def test_jobs_cross_the_pipe_unchanged(tree: Tree) -> None:
+def test_batches_cross_the_pipe_unchanged(tree: Tree) -> None:
     rt = load_runtime(find_target(settings(tree)))
     known = rt.index.ids[:2].tolist()
-    state = UserState("u1", {"user_id": "u1", "age": 3}, ["a", "b"], "redis", True, ["x"], [10, 20])
+    state = UserState("u1", {"user_id": "u1", "age": 3}, [known[0], "b"], "redis", True, ["x"], [10, 20])
+    other = resolve("u002", rt.users, None, False, ["i0001", "i0002", "i0003"], None, None)
+    nobody = resolve("nobody", rt.users, None, False, None, None, None)
+    assert nobody.popularity_only and not state.popularity_only
     flt = Filter((("category", "in", ("A", "B")), ("price", "range", (("lt", 5.0),)), ("stock", "is", True)))
-    for job in (RecallJob(state, 10, [known[1], "nope", known[0]], flt), RecallJob(state, 3, [], None, render=True)):
-        back = decode_job(orjson.loads(orjson.dumps(encode_job(job, rt))))
-        assert back.render == job.render
+    jobs = [
+        RecallJob(state, 10, [known[1], "nope", known[0]], flt),
+        RecallJob(nobody, 4, [known[0]]),
+        RecallJob(other, 3, [], None, render=True),
+    ]
+    head, inputs = decode_batch(encode_batch(9, rt, jobs))
+    assert head["seq"] == 9 and tuple(head["versions"]) == rt.versions
+    for back, job in zip([decode_job(j) for j in head["jobs"]], jobs, strict=True):
+        assert back.render == job.render and back.fetch == job.fetch
         assert back.filter == job.filter and (back.filter is None or hash(back.filter.key) == hash(job.filter.key))
-        assert back.fetch == job.fetch
         # the exclusions arrive as the triple's labels, an id the index does not know dropped as the lookup drops it
         assert back.exclude_labels == rt.labels(job.exclude) == [rt.rows[i] for i in job.exclude if i != "nope"]
         assert rt.excluded(back) == rt.excluded(job)
-        s = back.state
-        assert (s.user_id, s.profile, s.history, s.history_time, s.known) == (
-            "u1", {"user_id": "u1", "age": 3}, ["a", "b"], [10, 20], True
-        )  # fmt: skip
+        assert back.state.user_id == job.state.user_id
+        assert back.state.popularity_only == job.state.popularity_only  # the tower runs for the same jobs
+    # the personalised jobs' states arrive as their tower inputs, array for array, in job order
+    want = rt.tower_inputs([state, other])
+    assert inputs is not None and list(inputs) == list(want)
+    for name, a in want.items():
+        assert inputs[name].dtype == a.dtype and inputs[name].shape == a.shape and (inputs[name] == a).all(), name
+    assert (rt.tower(inputs)[0] == rt.user_vectors([state, other])[0]).all()
+    # a batch of unknown users only carries no inputs; a batch cut short is refused, not read past its end
+    assert decode_batch(encode_batch(3, rt, [jobs[1]]))[1] is None
+    with pytest.raises(ValueError):
+        decode_batch(encode_batch(9, rt, jobs) + b"\0")
 
 
 def test_answers_cross_the_pipe_as_found_or_as_the_items_json() -> None:
@@ -203,9 +220,8 @@ def test_batches_that_queued_together_are_computed_as_one_and_answered_each(tree
     top = rt.recall([RecallJob(state[1], 1, [])])[0][0].item_ids  # the item u002 would get first, excluded below
     first = [RecallJob(state[0], 5, [], render=True), RecallJob(state[1], 3, top)]
     second = [RecallJob(state[2], 4, [], render=True), RecallJob(state[3], 2, [])]
-    msgs = [{"seq": s, "versions": list(rt.versions), "jobs": [encode_job(j, rt) for j in jobs]}
-            for s, jobs in ((7, first), (8, second))]  # fmt: skip
-    outs = [decode_answer(out) for out in _answer_run(rt, orjson.loads(orjson.dumps(msgs)))]
+    msgs = [decode_batch(encode_batch(s, rt, jobs)) for s, jobs in ((7, first), (8, second))]
+    outs = [decode_answer(out) for out in _answer_run(rt, msgs)]
     assert [o["seq"] for o in outs] == [7, 8]
     for out, jobs in zip(outs, (first, second), strict=True):
         alone, _ = rt.recall(jobs)  # each batch by itself

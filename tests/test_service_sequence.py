@@ -13,7 +13,9 @@ import redis
 from index.build import build
 from index.options import BuildOptions, PublishOptions
 from models.bundle import ModelBundle, load_bundle
-from service.runtime import Runtime
+from models.sequence import HIST_TIME
+from service.model_process import _answer_run, decode_answer, decode_batch, encode_batch
+from service.runtime import RecallJob, Runtime, find_target, load_runtime
 from service.userstate import UserState, hist_key, hist_time_key, user_key
 from tests.conftest import sequence_config
 from tests.serving import running, settings
@@ -165,3 +167,25 @@ def test_a_time_reading_model_is_served_with_the_click_times(
             assert bad.status_code == 422 and "timestamps" in bad.json()["message"]
         finally:
             r.delete(hist_key(user_id), hist_time_key(user_id), user_key(user_id))
+
+
+def test_the_model_process_gets_a_time_reading_models_click_times(hstu_time_tree: tuple[Path, ModelBundle]) -> None:
+    """QUIVER_MODEL_PROCESS: the HTTP process encodes the tower's inputs, the click times among them; the child's
+    answer is the in-process one, and moving the clicks in time moves it."""
+    root, bundle = hstu_time_tree
+    rt = load_runtime(find_target(settings(root, model="tiny_hstu", ranker=None)))
+    rec = bundle.users.slice(3, 1).to_pylist()[0]
+    history, times = [str(x) for x in rec["history"]], rec["history_time"]
+    later = [t + 86_400 * 30 * i for i, t in enumerate(times)]
+    jobs = [
+        RecallJob(UserState(str(rec["user_id"]), {"user_id": rec["user_id"]}, history, "request", True, [], t), 20, [])
+        for t in (times, later)
+    ]
+    head, inputs = decode_batch(encode_batch(1, rt, jobs))
+    assert inputs is not None and (inputs[HIST_TIME][:, : len(times)] == [times, later]).all()
+    (answer,) = _answer_run(rt, [(head, inputs)])
+    found = decode_answer(answer)["found"]
+    alone, _ = rt.recall(jobs)
+    for got, want in zip(found, alone, strict=True):
+        assert got.item_ids == want.item_ids and got.scores == pytest.approx(want.scores, abs=1e-5)
+    assert found[0].scores != pytest.approx(found[1].scores, abs=1e-6)
