@@ -107,10 +107,9 @@ def decode_job(row: list[Any]) -> RecallJob:
     return RecallJob(state, fetch, [], flt, render, exclude_labels=excluded)
 
 
-def encode_batch(seq: int, rt: Runtime, jobs: Sequence[RecallJob]) -> bytes:
-    """A batch for the child: its head, then the personalised jobs' tower inputs as raw arrays (job order)."""
-    personal = [job.state for job in jobs if not job.state.popularity_only]
-    inputs = rt.tower_inputs(personal) if personal else {}
+def encode_batch(seq: int, rt: Runtime, jobs: Sequence[RecallJob], inputs: TowerInputs | None) -> bytes:
+    """A batch for the child: its head, then its tower inputs (`rt.job_inputs(jobs)`) as raw arrays."""
+    inputs = inputs or {}
     arrays = [np.ascontiguousarray(a) for a in inputs.values()]
     head = orjson.dumps(
         {
@@ -387,8 +386,9 @@ class ModelProcess:
         assert self._loop is not None and self._batches is not None
         seq = self._sent
         t0 = time.perf_counter()
-        msg = encode_batch(seq, rt, jobs)  # the features' encoding: part of the tower's time
+        inputs = rt.job_inputs(jobs)  # the features' encoding: part of the tower's time
         encoding = time.perf_counter() - t0
+        msg = encode_batch(seq, rt, jobs, inputs)
         self._sent += 1
         future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._pending.append(future)

@@ -185,17 +185,23 @@ class Runtime:
     def user_vectors(self, states: Sequence[UserState]) -> tuple[np.ndarray, np.ndarray]:
         return self.tower(self.tower_inputs(states))
 
+    def job_inputs(self, jobs: Sequence[RecallJob]) -> TowerInputs | None:
+        """The tower inputs `recall` reads: the personalised jobs' (not popularity-only), in job order; None if no job
+        is personalised."""
+        states = [job.state for job in jobs if not job.state.popularity_only]
+        return self.tower_inputs(states) if states else None
+
     def recall(self, jobs: Sequence[RecallJob], inputs: TowerInputs | None = None) -> tuple[list[Found], BatchTimings]:
         """Top-`fetch` items per job: every personalised job's interests in one tower pass and one index search.
 
-        inputs: the personalised jobs' tower inputs, in job order, when the caller encoded them (`tower_inputs`)."""
+        inputs: `job_inputs(jobs)`, when the caller encoded them already (the model process's HTTP side)."""
         timings = BatchTimings()
         out = [Found([], [], [])] * len(jobs)
         passing = {job.filter.key: self.passing(job.filter) for job in jobs if job.filter is not None}
         tower = [j for j, job in enumerate(jobs) if not job.state.popularity_only]
         if tower:
             t0 = time.perf_counter()
-            if inputs is None:
+            if inputs is None:  # the same rows as job_inputs(jobs)
                 inputs = self.tower_inputs([jobs[j].state for j in tower])
             vectors, mask = self.tower(inputs)
             t1 = time.perf_counter()

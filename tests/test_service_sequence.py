@@ -181,7 +181,7 @@ def test_the_model_process_gets_a_time_reading_models_click_times(hstu_time_tree
         RecallJob(UserState(str(rec["user_id"]), {"user_id": rec["user_id"]}, history, "request", True, [], t), 20, [])
         for t in (times, later)
     ]
-    head, inputs = decode_batch(encode_batch(1, rt, jobs))
+    head, inputs = decode_batch(encode_batch(1, rt, jobs, rt.job_inputs(jobs)))
     assert inputs is not None and (inputs[HIST_TIME][:, : len(times)] == [times, later]).all()
     (answer,) = _answer_run(rt, [(head, inputs)])
     found = decode_answer(answer)["found"]
