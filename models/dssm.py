@@ -4,6 +4,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from models.embedding import FeatureEmbedding
 from models.match import Batch, MatchModel, Similarity, one_interest
@@ -36,3 +37,8 @@ class DSSM(MatchModel):
 
     def item_tower(self, batch: Batch) -> torch.Tensor:
         return self.item_mlp(self.embedding("item", batch))  # (N, item_in) -> (N, D)
+
+    def row_shift_parameters(self) -> list[nn.Parameter]:
+        # Under the inner product the item tower's output bias b adds u . b to every item of the user's row.
+        # Under cosine the normalisation makes b matter.
+        return [self.item_mlp[-1].bias] if self.similarity == "inner_product" else []

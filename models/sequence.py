@@ -112,6 +112,12 @@ class SequenceModel(MatchModel):
     def item_tower(self, batch: Batch) -> torch.Tensor:
         return self.item_mlp(self.embedding("item", batch))  # (N, item_in) -> (N, D)
 
+    def row_shift_parameters(self) -> list[nn.Parameter]:
+        # The history reads the id table directly, never item_mlp: its output bias only shifts a row's logits.
+        if self.similarity != "inner_product" or not isinstance(self.item_mlp, MLP):
+            return []
+        return [self.item_mlp[-1].bias]
+
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The embedded sequence (B, T, d), its (B, T) valid mask and the (B, T) source column of each position:
         right-aligned, at most max_seq_len positions, trimmed to the longest row of the batch."""

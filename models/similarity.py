@@ -121,6 +121,7 @@ def bpr_loss(logits: torch.Tensor, labels: torch.Tensor, num: int, weights: torc
     this term spends it on a uniform draw, which is what the sampled protocols rank the positive against (NCF: 99
     random unseen items). A drawn column that is the label contributes softplus(0) with zero gradient; a masked
     collision (-inf) contributes 0."""
+    logits = logits.float()  # a difference of bfloat16 logits (train.precision: bf16) would keep 8 bits
     r, c = logits.shape
     cols = torch.randint(0, c, (r, num), device=logits.device)  # (R, m)
     pos = logits.gather(1, labels[:, None])  # (R, 1)

@@ -107,6 +107,13 @@ def test_unknown_key_names_the_dotted_path(tmp_path: Path) -> None:
     assert "optimiser" in message and "Extra inputs" in message
 
 
+def test_train_precision_takes_fp32_or_bf16_and_names_the_key_otherwise(tmp_path: Path) -> None:
+    assert parse_config(_edited(), "test").train.precision == "fp32"  # the default: no autocast
+    assert parse_config(_edited(train__precision="bf16"), "test").train.precision == "bf16"
+    message = _error(tmp_path, _edited(train__precision="fp16"))
+    assert "train.precision" in message and "bf16" in message
+
+
 def test_unknown_model_key_names_the_path_as_written_in_the_file(tmp_path: Path) -> None:
     # BUG: pydantic puts the discriminator tag in the error location, and format_validation_error keeps it, so the
     # message says `model.dssm.output_dimm` although the YAML has no `dssm` key (the key path is model.output_dimm).

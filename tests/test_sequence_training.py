@@ -14,7 +14,7 @@ from index.search import search_vectors
 from models.bundle import load_bundle
 from models.errors import QuiverError
 from models.inputs import user_vectors
-from models.similarity import mask_collisions
+from models.similarity import mask_collisions, softmax_loss
 from tests.conftest import sequence_config
 from training.config import parse_config
 from training.evaluate import score_queries
@@ -278,3 +278,25 @@ def test_every_position_weighs_the_same_whatever_its_batch(sasrec_trainer: Train
     scales = [seq.positions[b].sum() / mean for b in batches]
     assert max(scales) / min(scales) > 2  # short-user and long-user batches differ: the scaling matters
     assert sum(scales) == pytest.approx(len(batches), rel=0.05)
+
+
+@pytest.mark.parametrize("kind", ["sasrec", "hstu"])
+def test_the_item_towers_output_bias_gets_no_gradient_under_the_inner_product(
+    demo_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    # row_shift_parameters(), which train.precision bf16 freezes: the history reads the id table, not item_mlp, so
+    # item_mlp's output bias adds u . b to a whole row and the softmax (masked collisions included) cannot move it.
+    found = {}
+    for similarity in ("inner_product", "cosine"):
+        cfg = sequence_config(demo_dir, tmp_path / similarity, kind=kind, num_threads=1, epochs=1)
+        cfg["model"]["similarity"] = similarity
+        trainer = Trainer(parse_config(cfg, "test"))
+        trainer.model.double().eval()
+        bias = trainer.model.item_mlp[-1].bias  # type: ignore[index]
+        scores = trainer.score(trainer.rows(trainer.batches(0)[0]))
+        softmax_loss(scores.logits, scores.labels).backward()
+        assert bias.grad is not None
+        claimed = [p is bias for p in trainer.model.row_shift_parameters()]
+        found[similarity] = (bias.grad.abs().max().item(), claimed)
+    assert found["inner_product"][0] < 1e-12 and found["inner_product"][1] == [True]
+    assert found["cosine"][0] > 1e-6 and found["cosine"][1] == []

@@ -124,3 +124,61 @@ def test_bpr_term_adds_to_the_step_loss(demo_dir: Path, tmp_path: Path) -> None:
     assert softmax0 == pytest.approx(softmax1, rel=1e-5)  # same seed, same model, same batch
     assert plain == pytest.approx(softmax0, rel=1e-5)
     assert mixed > softmax1 + 0.1  # 2 x a mean of softplus terms, each > 0
+
+
+def test_bf16_precision_runs_the_logits_in_bfloat16_and_keeps_the_loss_and_weights_float32(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    cfg_dict = tiny_config(demo_dir, tmp_path / "models", epochs=1, precision="bf16")
+    cfg_dict["negatives"] = {"mode": "full"}  # the same columns for every score() call
+    cfg_dict["model"]["similarity"] = "inner_product"
+    trainer = Trainer(parse_config(cfg_dict, "test"))
+    idx = trainer.batches(0)[0]
+    rows = trainer.rows(idx)
+    exact = trainer.score(rows)  # outside autocast: float32 throughout
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = trainer.score(rows)
+    assert exact.logits.dtype == torch.float32 and fast.logits.dtype == torch.bfloat16
+    exact_loss = softmax_loss(exact.logits, exact.labels).item()
+    assert not torch.equal(fast.logits.float(), exact.logits)  # bfloat16 really ran
+    # bfloat16 products keep 8 bits of mantissa: the loss moves by well under a percent, not by its size.
+    assert softmax_loss(fast.logits.float(), fast.labels).item() == pytest.approx(exact_loss, rel=1e-2)
+    bias = trainer.model.item_mlp[-1].bias  # type: ignore[index]
+    before = bias.detach().clone()
+    loss, _, _ = trainer.step(idx)  # the configured step: autocast on, same weights as above
+    assert loss == pytest.approx(exact_loss, rel=1e-2)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    # The item tower's output bias only shifts each row's logits: frozen under bf16, so round-off cannot walk it.
+    assert trainer.model.row_shift_parameters() == [bias] and torch.equal(bias, before)
+    assert sum(p.numel() for p in trainer.model.parameters() if not p.requires_grad) == bias.numel()
+
+
+@pytest.mark.parametrize("mode", ["full", "sampled", "in_batch"])
+def test_the_row_shift_parameters_get_no_gradient_from_the_softmax(demo_dir: Path, tmp_path: Path, mode: str) -> None:
+    # What row_shift_parameters() claims, in float64 where round-off is far below the gradients: every logit of a
+    # row moves together with the inner product's item bias, so the softmax's gradient on it is zero; under cosine
+    # the normalisation gives the bias a real gradient and nothing is claimed.
+    grads = {}
+    for similarity in ("inner_product", "cosine"):
+        cfg_dict = tiny_config(demo_dir, tmp_path / "models", epochs=1)
+        cfg_dict["negatives"] = {"mode": mode, "num": 64} if mode == "sampled" else {"mode": mode}
+        cfg_dict["model"]["similarity"] = similarity
+        trainer = Trainer(parse_config(cfg_dict, "test"))
+        trainer.model.double()
+        rows = trainer.rows(trainer.batches(0)[0])
+        rows.user_batch.update({k: v.double() for k, v in rows.user_batch.items() if v.is_floating_point()})
+        bias = trainer.model.item_mlp[-1].bias  # type: ignore[index]
+        scores = trainer.score(rows)
+        softmax_loss(scores.logits, scores.labels).backward()
+        assert bias.grad is not None
+        grads[similarity] = (bias.grad.abs().max().item(), [p is bias for p in trainer.model.row_shift_parameters()])
+    assert grads["inner_product"][0] < 1e-12 and grads["inner_product"][1] == [True]
+    assert grads["cosine"][0] > 1e-6 and grads["cosine"][1] == []
+
+
+def test_bf16_training_still_beats_popularity(demo_dir: Path, tmp_path: Path) -> None:
+    cfg = parse_config(tiny_config(demo_dir, tmp_path / "models", epochs=4, precision="bf16"), "test")
+    result = fit(cfg)
+    assert result.bundle is not None
+    report, _ = evaluate_bundle(result.bundle, tmp_path / "report")
+    assert report["model"]["Recall@20"] > 1.5 * report["popularity"]["Recall@20"], report

@@ -149,6 +149,9 @@ class Trainer:
         if cfg.train.valid_metric.startswith("sampled_") and (valid is None or valid.negatives is None):
             raise QuiverError(f"train.valid_metric: {cfg.train.valid_metric} needs a negatives file (data.negatives)")
         self.model: MatchModel = build_model(cfg.model, cfg.features, self.encoder.table_sizes()).to(self.device)
+        if cfg.train.precision == "bf16":
+            for p in self.model.row_shift_parameters():  # bfloat16 round-off would walk them (MatchModel)
+                p.requires_grad_(False)
         self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
         self.optimizer = make_optimizer(cfg, self.model)
         steps = cfg.train.epochs * len(self.batches(0))
@@ -259,12 +262,14 @@ class Trainer:
 
     def step(self, idx: np.ndarray) -> tuple[float, int, int]:
         rows = self.rows(idx)
-        scores = self.score(rows)
-        weights = torch.from_numpy(rows.weights).to(self.device)
-        loss = softmax_loss(scores.logits, scores.labels, weights)
         t = self.cfg.train
-        if t.bpr_weight > 0:
-            loss = loss + t.bpr_weight * bpr_loss(scores.logits, scores.labels, t.bpr_negatives, weights)
+        weights = torch.from_numpy(rows.weights).to(self.device)
+        # Under autocast the logits come out bfloat16; the losses are on autocast's float32 list, so they upcast.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+            scores = self.score(rows)
+            loss = softmax_loss(scores.logits, scores.labels, weights)
+            if t.bpr_weight > 0:
+                loss = loss + t.bpr_weight * bpr_loss(scores.logits, scores.labels, t.bpr_negatives, weights)
         if self.sequences is not None:
             # Length-grouped batches train from 1 to 50 positions per user: a batch mean would weigh a short user's
             # position many times a long user's. Scaled by rows / the epoch's mean rows per batch, every position
