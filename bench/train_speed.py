@@ -10,6 +10,7 @@ torch-rechub is optional (it is not a Quiver dependency): without it the rechub 
 
     .venv/bin/python bench/train_speed.py [--config configs/dssm_ml1m.yaml] [--seconds 20] [--threads 1]
     .venv/bin/python bench/train_speed.py --sequence configs/sasrec_beauty.yaml configs/dssm_beauty.yaml
+    .venv/bin/python bench/train_speed.py --precision configs/dssm_ml1m.yaml --threads 2
 """
 
 import argparse
@@ -35,6 +36,7 @@ from training.config import Config, load_config, parse_config  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
 CPU = torch.device("cpu")
+CPUINFO = Path("/proc/cpuinfo")  # Linux: the flags say whether bfloat16 products run in hardware
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
@@ -56,6 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar=("SEQUENCE_CONFIG", "BASELINE_CONFIG"),
         help="instead: training positions/s of a sequence model beside the events/s of a pooled baseline "
         "(e.g. configs/sasrec_beauty.yaml configs/dssm_beauty.yaml)",
+    )
+    p.add_argument(
+        "--precision",
+        metavar="CONFIG",
+        help="instead: one config's training rows/s with train.precision fp32 and bf16, alternating (ratio = bf16 / "
+        "fp32)",
     )
     args = p.parse_args(argv)
     if args.seconds <= 0 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
@@ -352,12 +360,62 @@ def sequence_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def precision_speed(args: argparse.Namespace) -> int:
+    """Rows/s of one config trained in float32 and under bfloat16 autocast, alternating, the median of the repeats:
+    what train.precision buys on this CPU (the matrix products speed up only with AVX512-BF16 / AMX)."""
+    args.config = str(Path(args.precision).resolve()) if Path(args.precision).exists() else str(REPO / args.precision)
+    trainers: dict[str, Trainer] = {}
+    try:
+        for precision in ("fp32", "bf16"):
+            data = bench_config(args).model_dump(mode="json")
+            data["train"]["precision"] = precision
+            cfg = parse_config(data, f"{args.config} (with bench overrides)")
+            if not Path(cfg.data.path).exists():
+                raise QuiverError(f"data {cfg.data.path} not found (see ../shared/data/README.md)")
+            trainers[precision] = Trainer(cfg)
+    except QuiverError as err:
+        print(f"train_speed: {err}", file=sys.stderr)
+        return 2
+    runs: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    cycles = {name: Cycle(t) for name, t in trainers.items()}
+    for _ in range(args.repeats):
+        for name in runs:
+            trainers[name].model.train()
+            runs[name].append(timed(cycles[name].step, args.warmup, args.seconds))
+    fp32, bf16 = median_or_none(runs["fp32"]), median_or_none(runs["bf16"])
+    cfg = trainers["fp32"].cfg
+    print(
+        json.dumps(
+            {
+                "bench": "train_speed",
+                "data": f"{trainers['fp32'].raw.name} training split ({cfg.data.split})",
+                "settings": {
+                    "config": os.path.relpath(args.config, REPO),
+                    "model": cfg.model.type,
+                    "negatives": cfg.negatives.model_dump(),
+                    "batch_size": cfg.train.batch_size,
+                    "threads": args.threads,
+                    "seconds_per_measurement": args.seconds,
+                    "repeats": args.repeats,
+                    "cpu_bf16": CPUINFO.exists() and "avx512_bf16" in CPUINFO.read_text(),
+                },
+                "fp32_rows_per_s": fp32,
+                "bf16_rows_per_s": bf16,
+                "ratio": round(bf16 / fp32, 2) if fp32 and bf16 else None,
+                "ratio_of": "bf16 rows/s / fp32 rows/s: the same config, batches and threads",
+                "runs": {k: [round(v, 1) for v in vs] for k, vs in runs.items()},
+            }
+        )
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.sequence:
+    if args.sequence or args.precision:
         torch.set_num_threads(args.threads)
         os.chdir(REPO)
-        return sequence_speed(args)
+        return sequence_speed(args) if args.sequence else precision_speed(args)
     torch.set_num_threads(args.threads)
     # Paths on the command line are relative to where it was typed; the config's own paths (data.path
     # ../shared/data/ml-1m) to the repo root, as for quiver-train.
