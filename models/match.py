@@ -119,7 +119,8 @@ class MatchModel(nn.Module):
         else:
             score = partial(similarity, v=v, in_batch=layout == "in_batch", hard_neg_indices=hard_neg_indices)
         u, logits = choose(interests, mask, v[:r], score, self.train_scoring, self.simi_pow)
-        logits = logits / self.temperature
+        if self.temperature != 1.0:  # a no-op division of a (R, I) matrix is a tenth of a full-softmax step
+            logits = logits / self.temperature
         if hard_neg_indices is not None:
             # Empty hard cells hold finfo.min; dividing by tau < 1 would overflow them to -inf: keep them finite.
             logits = logits.clamp_min(torch.finfo(logits.dtype).min)

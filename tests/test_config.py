@@ -94,7 +94,7 @@ def test_ml1m_default_is_the_measured_full_softmax_with_l2() -> None:
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "dssm_ml1m.yaml")
     assert cfg.negatives.mode == "full" and cfg.train.weight_decay == pytest.approx(1e-5) and cfg.train.epochs == 15
     assert cfg.train.lr == pytest.approx(0.005) and cfg.model.variational_dropout == ["user"]
-    assert cfg.train.precision == "bf16"
+    assert cfg.train.precision == "fp32"
     assert cfg.model.user_tower.hidden_units == [] and cfg.model.similarity == "inner_product"
     assert cfg.data.validation == "none" and cfg.data.query_seq_len == 2400  # the whole train file, whole histories
 
