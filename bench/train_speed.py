@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def bench_config(args: argparse.Namespace) -> Config:
     """The config as written, with the bench's overrides applied and re-validated."""
     cfg = load_config(args.config)
-    data = cfg.model_dump(mode="json")
+    data = cfg.model_dump(mode="json", exclude_unset=True)  # unset keys stay unset (train.valid_metric)
     if args.data:
         data["data"]["path"] = args.data
     if args.batch_size:
@@ -336,7 +336,7 @@ def sequence_speed(args: argparse.Namespace) -> int:
         json.dumps(
             {
                 "bench": "train_speed",
-                "data": f"{trainers['sequence'].raw.name} training split ({seq_cfg.data.split})",
+                "data": f"{trainers['sequence'].raw.name} training split ({trainers['sequence'].raw.split})",
                 "settings": {
                     "sequence_config": os.path.relpath(args.sequence[0], REPO),
                     "baseline_config": os.path.relpath(args.sequence[1], REPO),
@@ -367,7 +367,7 @@ def precision_speed(args: argparse.Namespace) -> int:
     trainers: dict[str, Trainer] = {}
     try:
         for precision in ("fp32", "bf16"):
-            data = bench_config(args).model_dump(mode="json")
+            data = bench_config(args).model_dump(mode="json", exclude_unset=True)
             data["train"]["precision"] = precision
             cfg = parse_config(data, f"{args.config} (with bench overrides)")
             if not Path(cfg.data.path).exists():
@@ -388,7 +388,7 @@ def precision_speed(args: argparse.Namespace) -> int:
         json.dumps(
             {
                 "bench": "train_speed",
-                "data": f"{trainers['fp32'].raw.name} training split ({cfg.data.split})",
+                "data": f"{trainers['fp32'].raw.name} training split ({trainers['fp32'].raw.split})",
                 "settings": {
                     "config": os.path.relpath(args.config, REPO),
                     "model": cfg.model.type,
