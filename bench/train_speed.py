@@ -310,26 +310,42 @@ class Cycle:
         return self.trainer.row_count(idx)
 
 
+def repo_path(path: str) -> str:
+    """A config path as typed when it exists, else relative to the repo."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(REPO / path)
+
+
+def data_trainer(cfg: Config) -> Trainer:
+    """The config's Trainer; a missing data folder is a QuiverError naming it, not a traceback from a reader."""
+    if not Path(cfg.data.path).exists():
+        raise QuiverError(f"data {cfg.data.path} not found (see ../shared/data/README.md)")
+    return Trainer(cfg)
+
+
+def alternate(trainers: dict[str, Trainer], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Rows/s of each trainer's own batches, taking turns `--repeats` times, so the noise of a shared machine falls
+    on every side alike."""
+    runs: dict[str, list[float]] = {name: [] for name in trainers}
+    cycles = {name: Cycle(t) for name, t in trainers.items()}
+    for _ in range(args.repeats):
+        for name, trainer in trainers.items():
+            trainer.model.train()
+            runs[name].append(timed(cycles[name].step, args.warmup, args.seconds))
+    return runs
+
+
 def sequence_speed(args: argparse.Namespace) -> int:
     """Positions/s of a sequence model's training (every valid position is a softmax row) beside events/s of a
     pooled baseline on the same data, alternating, the median of the repeats."""
     trainers: dict[str, Trainer] = {}
     try:
         for name, path in zip(("sequence", "baseline"), args.sequence, strict=True):
-            args.config = str(Path(path).resolve()) if Path(path).exists() else str(REPO / path)
-            cfg = bench_config(args)
-            if not Path(cfg.data.path).exists():
-                raise QuiverError(f"data {cfg.data.path} not found (see ../shared/data/README.md)")
-            trainers[name] = Trainer(cfg)
+            args.config = repo_path(path)
+            trainers[name] = data_trainer(bench_config(args))
     except QuiverError as err:
         print(f"train_speed: {err}", file=sys.stderr)
         return 2
-    runs: dict[str, list[float]] = {"sequence": [], "baseline": []}
-    cycles = {name: Cycle(t) for name, t in trainers.items()}
-    for _ in range(args.repeats):
-        for name in runs:
-            trainers[name].model.train()
-            runs[name].append(timed(cycles[name].step, args.warmup, args.seconds))
+    runs = alternate(trainers, args)
     seq, base = (median_or_none(runs[k]) for k in ("sequence", "baseline"))
     seq_cfg, base_cfg = trainers["sequence"].cfg, trainers["baseline"].cfg
     print(
@@ -363,25 +379,17 @@ def sequence_speed(args: argparse.Namespace) -> int:
 def precision_speed(args: argparse.Namespace) -> int:
     """Rows/s of one config trained in float32 and under bfloat16 autocast, alternating, the median of the repeats:
     what train.precision buys on this CPU (the matrix products speed up only with AVX512-BF16 / AMX)."""
-    args.config = str(Path(args.precision).resolve()) if Path(args.precision).exists() else str(REPO / args.precision)
+    args.config = repo_path(args.precision)
     trainers: dict[str, Trainer] = {}
     try:
+        data = bench_config(args).model_dump(mode="json", exclude_unset=True)
         for precision in ("fp32", "bf16"):
-            data = bench_config(args).model_dump(mode="json", exclude_unset=True)
             data["train"]["precision"] = precision
-            cfg = parse_config(data, f"{args.config} (with bench overrides)")
-            if not Path(cfg.data.path).exists():
-                raise QuiverError(f"data {cfg.data.path} not found (see ../shared/data/README.md)")
-            trainers[precision] = Trainer(cfg)
+            trainers[precision] = data_trainer(parse_config(data, f"{args.config} (with bench overrides)"))
     except QuiverError as err:
         print(f"train_speed: {err}", file=sys.stderr)
         return 2
-    runs: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    cycles = {name: Cycle(t) for name, t in trainers.items()}
-    for _ in range(args.repeats):
-        for name in runs:
-            trainers[name].model.train()
-            runs[name].append(timed(cycles[name].step, args.warmup, args.seconds))
+    runs = alternate(trainers, args)
     fp32, bf16 = median_or_none(runs["fp32"]), median_or_none(runs["bf16"])
     cfg = trainers["fp32"].cfg
     print(
@@ -419,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     # Paths on the command line are relative to where it was typed; the config's own paths (data.path
     # ../shared/data/ml-1m) to the repo root, as for quiver-train.
-    args.config = str(Path(args.config).resolve()) if Path(args.config).exists() else str(REPO / args.config)
+    args.config = repo_path(args.config)
     args.data = str(Path(args.data).resolve()) if args.data else None
     os.chdir(REPO)
     try:

@@ -75,8 +75,9 @@ class TrainConfig(BaseModel):
     num_threads: int = Field(default=1, ge=1)  # torch intra-op threads per process (oversubscription is slow)
     recall_k: int = Field(default=10, ge=1)  # the in-batch training metric shown in the progress bar
     # bf16: each step's forward runs under torch.autocast, so the matrix products (the towers' Linear layers and the
-    # (R, C) logits) take bfloat16 inputs while the softmax, the loss and the weights stay float32. Twice as fast
-    # a step on a CPU with AVX512-BF16 or AMX (and on GPUs); far slower on a CPU without them. Evaluation and
+    # (R, C) logits) take bfloat16 inputs while the softmax, the loss and the weights stay float32. 1.5x the rows/s
+    # of the ML-1M default on an AVX512-BF16 CPU (bench/train_speed.py --precision; AMX CPUs and GPUs gain too); far
+    # slower on a CPU without bfloat16 instructions. Evaluation and
     # serving stay float32.
     precision: Literal["fp32", "bf16"] = "fp32"
     # Picks the best epoch on the validation split: full ranking (Recall@20), or with a negatives file the sampled
