@@ -135,7 +135,8 @@ def search_vectors(
     single = bool(mask.sum(axis=1).max(initial=0) <= 1)  # one vector per user: rows need no merging
     exhausted: list[int] = []  # users a filtered search left short: scored exactly below
     while pending.size and n > 0:
-        rows = np.nonzero(np.isin(owner, pending))[0]  # active vectors of the pending users
+        # active vectors of the pending users: at first every user with one (np.isin costs ~15 µs a batch)
+        rows = np.arange(owner.size) if attempt == 0 else np.nonzero(np.isin(owner, pending))[0]
         width = max(fetch[int(u)] for u in pending)
         scores, labels = index.search(queries[rows], width, attempt, selector, selectivity)  # (q, width)
         if single:

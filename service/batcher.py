@@ -45,7 +45,7 @@ class MicroBatcher(Generic[Owner, Job, Result]):
         in_flight: int = 1,
     ) -> None:
         """run: computes a batch on `executor` (the model thread), or, a coroutine function, hands it elsewhere and
-        awaits the answer (a model process). in_flight: batches handed over at once; one for the model thread, two
+        awaits the answer (a model process). in_flight: batches handed over at once; one for the model thread, three
         for a model process, so that the next batch already waits there while the last one's answers travel back
         (service/model_process.py)."""
         self.run = run

@@ -28,7 +28,9 @@ The rendered items save the HTTP process, whose event loop every request shares,
 per item and their encoding (about 20 µs of a 100-item answer): it drops the bytes into the response as they came
 (`orjson.Fragment`). The child has the spare time: at saturation it waits on the HTTP process, not the other way.
 
-Two batches are out at once (the next one already waits in the pipe while the last one's answer travels back).
+Three batches are out at once: while the child computes one, the next already waits in the pipe and a third can
+leave the moment it forms, rather than queueing in the HTTP process until an answer frees a slot (against two:
+6-10% more requests a second at saturation and a lower p99 at half load in each of three interleaved pairs).
 The child computes every batch it finds waiting as one (one tower pass, one search) and answers each by itself:
 at light load the HTTP process hands over small batches as soon as they form, and the child's fixed cost per batch
 is still paid once per turn, not once per small batch.
@@ -62,7 +64,7 @@ from service.userstate import UserState
 
 log = logging.getLogger("quiver.model_process")
 
-IN_FLIGHT = 2  # batches sent to the child at once (MicroBatcher in_flight)
+IN_FLIGHT = 3  # batches sent to the child at once (MicroBatcher in_flight)
 KEEP = 2  # triples the child holds: the served one and the one in-flight requests may still be on
 Versions = tuple[str, str, str | None]
 

@@ -374,3 +374,17 @@ def test_small_and_large_vocab_lookups_agree() -> None:
     assert vocab.lookup(small).tolist() == [4, 1, 1, 2, 3, 5]  # b most frequent; ties by token: 7 < a < c
     assert vocab.lookup(big).tolist() == (vocab.lookup(small).tolist() * (SMALL_LOOKUP // 6 + 2))[: SMALL_LOOKUP + 5]
     assert vocab.lookup(pa.array([7, None], pa.int64())).tolist() == [3, 1]  # non-string ids cast like a column
+
+
+def test_small_and_large_hash_lookups_agree() -> None:
+    """A request's history (hashed value by value) and a column (dictionary-encoded first) get the same buckets."""
+    from models.features import SMALL_LOOKUP
+
+    buckets = HashBuckets(num_buckets=11)
+    small = pa.array(["a", None, "zz", "a", "7"])
+    reps = SMALL_LOOKUP // len(small) + 2
+    big = pa.array((small.to_pylist() * reps)[: SMALL_LOOKUP + 3])
+    codes = buckets.lookup(small).tolist()
+    assert codes[1] == OOV and codes[0] == codes[3] and min(codes[:1] + codes[2:]) >= 2
+    assert buckets.lookup(big).tolist() == (codes * reps)[: SMALL_LOOKUP + 3]
+    assert buckets.lookup(pa.array([7, None], pa.int64())).tolist() == [codes[4], OOV]  # ids cast to strings first

@@ -247,7 +247,7 @@ def test_a_load_the_model_process_refuses_refuses_the_triple(tree: Tree) -> None
     assert holder.current is None
 
 
-@pytest.mark.parametrize("in_flight", [1, 2])
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
 def test_microbatcher_keeps_in_flight_batches_running_at_once(in_flight: int) -> None:
     running_now, most = 0, 0
     lock = threading.Lock()
