@@ -170,6 +170,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model-process", choices=("on", "off"), default="on",
         help="QUIVER_MODEL_PROCESS of every measured server (default on: the tower and search off the HTTP GIL)",
     )  # fmt: skip
+    m.add_argument(
+        "--model-cpus", default="auto",
+        help="QUIVER_MODEL_CPUS with the model process (default auto: the child on its own CPU, the HTTP process on "
+        "the other; '' leaves the scheduler free; several workers are never pinned)",
+    )  # fmt: skip
     m.add_argument("--microbatch-off", action="store_true", help="also measure /recall without micro-batching")
     m.add_argument("--rerank", action="store_true", help="also measure /recall with rerank (TDM over 200)")
     m.add_argument("--floor-only", action="store_true", help="only the floor app (checks the load generator)")
@@ -630,6 +635,7 @@ def service_env(args: argparse.Namespace, lay: Layout, plan: IndexPlan, microbat
         "QUIVER_RERANK_CANDIDATES": str(args.rerank_candidates),
         "QUIVER_TORCH_THREADS": str(args.torch_threads),
         "QUIVER_MODEL_PROCESS": "true" if args.model_process == "on" else "false",
+        "QUIVER_MODEL_CPUS": args.model_cpus,
     }
     for name, value in (
         ("QUIVER_BATCH_MAX_SIZE", args.batch_max_size),
@@ -1271,6 +1277,7 @@ def run(args: argparse.Namespace) -> int:
         line |= {
             "recall_served": served.get("recall@100"),
             "model_process": args.model_process == "on",
+            "model_cpus": args.model_cpus if args.model_process == "on" else None,
             "index_served": f"{served.get('factory')} {json.dumps(served.get('search'), sort_keys=True)}",
             "rps_recall": rps_recall,
             "rps_recall_runs": rec["rps_runs"],

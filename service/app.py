@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batcher import MicroBatcher
 from service.body_limit import BodyLimit
+from service.cpus import plan
 from service.errors import CatchAll, http_error, validation_error
 from service.metrics import Metrics, RequestTimer
 from service.model_process import IN_FLIGHT, ModelProcess
@@ -51,7 +52,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _pin_threads(settings.torch_threads)
         # OpenMP's thread count is per calling thread: FAISS must be told on the thread that searches.
-        remote = ModelProcess(settings.torch_threads) if settings.model_process else None
+        remote = None
+        if settings.model_process:
+            cpus = plan(settings.model_cpus, settings.torch_threads, settings.workers)
+            remote = ModelProcess(settings.torch_threads, cpus)
+            log.info("model process CPUs: %s", "free" if cpus is None else f"{sorted(cpus.model)}, HTTP {cpus.http}")
         if remote is not None:
             await remote.start()
         executor = ThreadPoolExecutor(

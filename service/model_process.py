@@ -59,6 +59,7 @@ import orjson
 
 from index.filter import Filter
 from models.errors import QuiverError
+from service.cpus import CpuPlan, pin_process, restore
 from service.runtime import BatchTimings, Found, RecallJob, Runtime, Target, TowerInputs
 from service.userstate import UserState
 
@@ -183,7 +184,11 @@ def _error_answer(seq: Any, why: str) -> bytes:
     return HEAD.pack(len(head)) + head
 
 
-def _child_main(batches: Connection, answers: Connection, control: Connection, threads: int) -> None:
+def _child_main(
+    batches: Connection, answers: Connection, control: Connection, threads: int, cpus: list[int] | None
+) -> None:
+    if cpus:  # QUIVER_MODEL_CPUS: every thread, including any torch or FAISS started while this module was imported
+        pin_process(frozenset(cpus))
     import faiss
     import torch
 
@@ -266,8 +271,11 @@ class ModelProcess:
     Loads go over the control pipe from the reload's thread. Starting and replacing the child happen on the event
     loop (`_revive`, one at a time)."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, cpus: CpuPlan | None = None) -> None:
+        """cpus: where the child and this process run (QUIVER_MODEL_CPUS, service/cpus.py); None: anywhere."""
         self.threads = threads
+        self.cpus = cpus
+        self._unpinned: dict[int, set[int]] | None = None  # this process's threads' CPUs before pinning
         self._ctx = mp.get_context("spawn")  # a fresh interpreter: no fork of a process holding threads and locks
         self._loop: asyncio.AbstractEventLoop | None = None
         self._control_lock = threading.Lock()  # one load at a time
@@ -289,6 +297,8 @@ class ModelProcess:
         """Bind to the running event loop and start the child (from the app's lifespan)."""
         self._loop = asyncio.get_running_loop()
         self._revive_lock = asyncio.Lock()
+        if self.cpus is not None and self.cpus.http is not None:  # threads started from here on inherit it
+            self._unpinned = pin_process(self.cpus.http)
         await self._revive()
 
     def _alive(self) -> bool:
@@ -315,9 +325,10 @@ class ModelProcess:
             batches_in, batches = self._ctx.Pipe(duplex=False)  # (read end, write end)
             answers, answers_out = self._ctx.Pipe(duplex=False)
             control, control_child = self._ctx.Pipe()
+            cpus = sorted(self.cpus.model) if self.cpus is not None else None
             proc = self._ctx.Process(
                 target=_child_main,
-                args=(batches_in, answers_out, control_child, self.threads),
+                args=(batches_in, answers_out, control_child, self.threads, cpus),
                 name="quiver-model",
                 daemon=True,
             )
@@ -423,3 +434,6 @@ class ModelProcess:
     async def close(self) -> None:
         self._stop_reading("service shutting down")
         await asyncio.to_thread(self._close_child)
+        if self._unpinned is not None:
+            restore(self._unpinned)
+            self._unpinned = None

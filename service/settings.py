@@ -6,8 +6,10 @@ Read once at start-up; a test or a benchmark builds `Settings(...)` directly and
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.cpus import parse_cpus
 
 
 class Settings(BaseSettings):
@@ -49,6 +51,11 @@ class Settings(BaseSettings):
         False,
         description="run /recall's user tower and index search in a process of their own (off the HTTP process's GIL)",
     )
+    model_cpus: str = Field(
+        "",
+        description="CPUs of the model process: '' free, 'auto' (its own QUIVER_TORCH_THREADS CPUs, the HTTP process "
+        "the rest), or a list such as '3' or '2-3' (service/cpus.py)",
+    )
     microbatch: bool = Field(True, description="batch concurrent /recall requests into one tower pass and search")
     batch_max_size: int = Field(64, ge=1, description="requests per micro-batch at most")
     batch_max_wait_ms: float = Field(
@@ -61,6 +68,12 @@ class Settings(BaseSettings):
         10.0, gt=0, description="a body not complete this long after its headers gets 408 and a closed connection"
     )
     docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json (false: all three are 404)")
+
+    @field_validator("model_cpus")
+    @classmethod
+    def _cpus(cls, value: str) -> str:
+        parse_cpus(value)  # its ValueError names the bad part; pydantic adds the field
+        return value.strip()
 
     @model_validator(mode="after")
     def _names(self) -> Self:

@@ -280,3 +280,20 @@ def _no_child_left() -> Iterator[None]:
     import multiprocessing
 
     assert not [p for p in multiprocessing.active_children() if p.name == "quiver-model"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning apart needs two CPUs")
+def test_model_cpus_auto_pins_the_child_and_the_http_process_apart(
+    tree: Tree, in_process: list[dict[str, Any]]
+) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    app = create_app(settings(tree, model_process=True, model_cpus="auto"))
+    with running_app(app) as url:  # this test process is the HTTP process here
+        remote: ModelProcess = app.state.services.model_process
+        assert _answers(url) == in_process
+        assert remote.pid is not None
+        child_threads = [int(t) for t in os.listdir(f"/proc/{remote.pid}/task")]
+        assert {t: os.sched_getaffinity(t) for t in child_threads} == {t: {allowed[-1]} for t in child_threads}
+        assert os.sched_getaffinity(0) == set(allowed[:-1])
+    assert os.sched_getaffinity(0) == before  # put back when the model process closes
