@@ -171,9 +171,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="QUIVER_MODEL_PROCESS of every measured server (default on: the tower and search off the HTTP GIL)",
     )  # fmt: skip
     m.add_argument(
-        "--model-cpus", default="auto",
-        help="QUIVER_MODEL_CPUS with the model process (default auto: the child on its own CPU, the HTTP process on "
-        "the other; '' leaves the scheduler free; several workers are never pinned)",
+        "--model-cpus", default="",
+        help="QUIVER_MODEL_CPUS with the model process (default '', the service's: the scheduler places both; auto: "
+        "the child on its own CPU, the HTTP process on the other; several workers are never pinned by auto)",
     )  # fmt: skip
     m.add_argument("--microbatch-off", action="store_true", help="also measure /recall without micro-batching")
     m.add_argument("--rerank", action="store_true", help="also measure /recall with rerank (TDM over 200)")
