@@ -1,10 +1,11 @@
 """QUIVER_MODEL_CPUS: which CPUs the model process (QUIVER_MODEL_PROCESS) and the HTTP process may run on.
 
-Left free, the scheduler tends to wake each of two processes that feed each other over a pipe on the CPU of the one
-that woke it (good for a shared cache, bad when both are busy): on the 2-core serve-bench VM the half-load p99
-stretched into 10-15 ms bursts in which the child first waited 2-6 ms for a CPU and then computed its batches 2-3x
-slower (bench/README "serve.py"). Pinned apart, neither can be queued behind the other. Off by default: on a shared
-host, or in a container whose CPU quota is smaller than its CPU set, fixed CPUs can be the busy ones.
+Left free, the scheduler may queue two busy processes that feed each other over a pipe on one CPU: on the 2-core
+serve-bench VM the half-load p99 came in 10-15 ms bursts in which the child first waited 2-6 ms for a CPU and then
+computed its batches 2-3x slower (bench/README "serve.py"). Pinned apart, neither can be queued behind the other.
+Measured there: short runs went over 10 ms in 1 of 13 tries pinned against 5 of 13 free, but two full bench runs did
+not show a gain, so this is off by default. On a shared host, or in a container whose CPU quota is smaller than its
+CPU set, fixed CPUs can be the busy ones.
 
     ""        no pinning (the default)
     "auto"    the model process gets the last QUIVER_TORCH_THREADS CPUs this process may use, the HTTP process the rest;
