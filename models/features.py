@@ -10,6 +10,7 @@ vocabulary (unseen, rare below `min_count`, or null), 2.. = known values in desc
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Self
 
@@ -99,6 +100,12 @@ class FeatureGroups(BaseModel):
         return {"user": self.user, "item": self.item, "hist": self.hist}[name]
 
 
+def _small_lookup(values: pa.Array | pa.ChunkedArray, code: Callable[[str], int]) -> np.ndarray:
+    """(n,) int64 codes of a request-sized input, value by value as strings; nulls map to OOV."""
+    strings = values.cast(pa.string()).to_pylist()
+    return np.fromiter((OOV if v is None else code(v) for v in strings), dtype=np.int64, count=len(strings))
+
+
 @dataclass
 class Vocab:
     """Frequency-ordered vocabulary: tokens[i] has index i + 2."""
@@ -125,11 +132,7 @@ class Vocab:
         million-item vocabulary per request would cost more than the request itself."""
         if len(values) <= SMALL_LOOKUP:
             codes = self._codes()
-            return np.fromiter(
-                (OOV if v is None else codes.get(v, OOV) for v in values.cast(pa.string()).to_pylist()),
-                dtype=np.int64,
-                count=len(values),
-            )
+            return _small_lookup(values, lambda v: codes.get(v, OOV))
         pos = pc.index_in(values.cast(pa.string()), value_set=pa.array(self.tokens, pa.string()))
         return pc.fill_null(pc.add(pos, RESERVED), OOV).to_numpy(zero_copy_only=False).astype(np.int64)
 
@@ -167,11 +170,7 @@ class HashBuckets:
         call) is more than hashing them."""
         if len(values) <= SMALL_LOOKUP:
             n = self.num_buckets
-            return np.fromiter(
-                (OOV if v is None else stable_hash(v) % n + RESERVED for v in values.cast(pa.string()).to_pylist()),
-                dtype=np.int64,
-                count=len(values),
-            )
+            return _small_lookup(values, lambda v: stable_hash(v) % n + RESERVED)
         encoded = pc.dictionary_encode(values.cast(pa.string()))
         if isinstance(encoded, pa.ChunkedArray):
             encoded = encoded.combine_chunks()

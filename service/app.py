@@ -57,7 +57,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             cpus = plan(settings.model_cpus, settings.torch_threads, settings.workers)
             remote = ModelProcess(settings.torch_threads, cpus)
             log.info("model process CPUs: %s", "free" if cpus is None else f"{sorted(cpus.model)}, HTTP {cpus.http}")
-        if remote is not None:
             await remote.start()
         executor = ThreadPoolExecutor(
             max_workers=1,
