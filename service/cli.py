@@ -11,6 +11,8 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from models.errors import QuiverError
+from service.cpus import plan
 from service.settings import Settings
 from service.workers import APP, balanced, supervise
 
@@ -31,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
             name = "QUIVER_" + "_".join(str(x) for x in e["loc"]).upper()
             print(f"quiver-serve: {name}: {e['msg']}", file=sys.stderr)
         return 2
+    if settings.model_process:
+        try:  # a CPU this machine does not let it use: refused here, not as a traceback from the app's start
+            plan(settings.model_cpus, settings.torch_threads, settings.workers)
+        except QuiverError as err:
+            print(f"quiver-serve: {err}", file=sys.stderr)
+            return 2
     # per-request log lines cost more than the request at this scale; /metrics has the counts
     options = {"log_level": settings.log_level, "access_log": False}
     if settings.workers > 1 and balanced():

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import free_port
 from tests.serving import Tree
@@ -59,3 +60,14 @@ def test_a_bad_setting_is_named_and_exits_2() -> None:
     done = subprocess.run([sys.executable, "-m", "service.cli"], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 2
     assert "QUIVER_REDIS_TIMEOUT_MS" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("cpus", "says"),
+    [("1,x", "QUIVER_MODEL_CPUS: Value error, 'x' is not a CPU number"), ("100000", "CPUs [100000] are not among")],
+)
+def test_a_bad_model_cpu_list_is_named_and_exits_2_without_a_traceback(cpus: str, says: str) -> None:
+    env = _env(QUIVER_MODEL_PROCESS="true", QUIVER_MODEL_CPUS=cpus)
+    done = subprocess.run([sys.executable, "-m", "service.cli"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert says in done.stderr and "Traceback" not in done.stderr
