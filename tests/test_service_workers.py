@@ -58,14 +58,20 @@ def test_an_admin_reload_reaches_both_workers(two_workers: tuple[Tree, str]) -> 
     assert recall.status_code == 200 and len(recall.json()["items"]) == 7
 
 
-def _server_side(port: int, state: str = "01") -> Counter[int]:
-    """Sockets on local port `port` in a TCP state (01: established, 0A: listening), by the process holding them."""
+def _sockets(port: int, state: str) -> set[str]:
+    """Inodes of the TCP sockets on local port `port` in a state (01: established, 0A: listening)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for row in Path(table).read_text().splitlines()[1:]:
             f = row.split()
             if f[3] == state and int(f[1].rsplit(":", 1)[1], 16) == port:
                 inodes.add(f[9])
+    return inodes
+
+
+def _server_side(port: int, state: str = "01") -> Counter[int]:
+    """Sockets on local port `port` in a TCP state, by the process holding them."""
+    inodes = _sockets(port, state)
     held: Counter[int] = Counter()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -76,15 +82,6 @@ def _server_side(port: int, state: str = "01") -> Counter[int]:
             continue
         held[int(proc.name)] += sum(link.startswith("socket:[") and link[8:-1] in inodes for link in links)
     return +held
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie (a killed worker's sockets are closed once it is a zombie, before its parent reaps it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _keep_alive(port: int, n: int) -> list[socket.socket]:
@@ -126,7 +123,10 @@ def test_a_killed_worker_is_replaced_and_no_request_fails(two_workers: tuple[Tre
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60
-    while _alive(victim):  # connections hashed to its socket while it dies are reset, as in-flight ones are
+    # connections hashed to its socket while it dies are reset, as in-flight ones are. Its socket is gone when its
+    # last thread has exited, which can be after /proc shows it a zombie (the group leader exits first, and a busy
+    # machine may run the other threads' exit later): that gap reset ~1 fresh connection in 5 runs of the full suite
+    while len(_sockets(port, "0A")) > 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     while True:  # fresh connections meanwhile: the survivor's socket takes them all, none is refused or fails
@@ -134,7 +134,7 @@ def test_a_killed_worker_is_replaced_and_no_request_fails(two_workers: tuple[Tre
             r = httpx.post(f"{url}/recall", json={"user_id": "u001", "k": 5}, timeout=30)
             assert r.status_code == 200 and len(r.json()["items"]) == 5
             conns = _keep_alive(port, 16)
-        except (OSError, httpx.TransportError) as err:  # a reset seen ~1 run in 5 under load, cause not found yet
+        except (OSError, httpx.TransportError) as err:
             log = (tmp_path / "serve.log").read_text(errors="replace")[-4000:]
             seen = f"victim {victim}, listening {_server_side(port, '0A')}, connected {_server_side(port)}"
             raise AssertionError(f"{type(err).__name__}: {err}; {seen}; log:\n{log}") from err
