@@ -186,6 +186,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     m.add_argument("--batch-max-size", type=int, default=None, help="QUIVER_BATCH_MAX_SIZE (default: the service's)")
     m.add_argument("--batch-max-wait-ms", type=float, default=None, help="QUIVER_BATCH_MAX_WAIT_MS")
+    m.add_argument(
+        "--sched-slice-us", type=int, default=None,
+        help="QUIVER_SCHED_SLICE_US of every measured server (default: the service's, 100; 0: the kernel's slice)",
+    )  # fmt: skip
     m.add_argument("--port", type=int, default=18700, help="service port; the floor uses port + 1")
     m.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
     args = p.parse_args(argv)
@@ -640,6 +644,7 @@ def service_env(args: argparse.Namespace, lay: Layout, plan: IndexPlan, microbat
     for name, value in (
         ("QUIVER_BATCH_MAX_SIZE", args.batch_max_size),
         ("QUIVER_BATCH_MAX_WAIT_MS", args.batch_max_wait_ms),
+        ("QUIVER_SCHED_SLICE_US", args.sched_slice_us),
     ):
         if value is not None:
             env[name] = str(value)
@@ -1278,6 +1283,7 @@ def run(args: argparse.Namespace) -> int:
             "recall_served": served.get("recall@100"),
             "model_process": args.model_process == "on",
             "model_cpus": args.model_cpus if args.model_process == "on" else None,
+            "sched_slice_us": args.sched_slice_us,  # None: the service's default
             "index_served": f"{served.get('factory')} {json.dumps(served.get('search'), sort_keys=True)}",
             "rps_recall": rps_recall,
             "rps_recall_runs": rec["rps_runs"],

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import sched_slice
 from service.batcher import MicroBatcher
 from service.body_limit import BodyLimit
 from service.cpus import plan
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _pin_threads(settings.torch_threads)
+        sched_slice.apply(settings.sched_slice_us)  # before the model process and the executor: they inherit it
         # OpenMP's thread count is per calling thread: FAISS must be told on the thread that searches.
         remote = None
         if settings.model_process:

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.cpus import parse_cpus
+from service.sched_slice import MAX_US, MIN_US
 
 
 class Settings(BaseSettings):
@@ -56,6 +57,13 @@ class Settings(BaseSettings):
         description="CPUs of the model process: '' free, 'auto' (its own QUIVER_TORCH_THREADS CPUs, the HTTP process "
         "the rest), or a list such as '3' or '2-3' (service/cpus.py)",
     )
+    sched_slice_us: int = Field(
+        100,
+        ge=0,
+        le=MAX_US,
+        description="scheduler time slice of the service's threads and its model process, in µs (Linux 6.12+; "
+        "0: the kernel's default): a short one lets a woken request run soon on a busy CPU (service/sched_slice.py)",
+    )
     microbatch: bool = Field(True, description="batch concurrent /recall requests into one tower pass and search")
     batch_max_size: int = Field(64, ge=1, description="requests per micro-batch at most")
     batch_max_wait_ms: float = Field(
@@ -74,6 +82,13 @@ class Settings(BaseSettings):
     def _cpus(cls, value: str) -> str:
         parse_cpus(value)  # its ValueError names the bad part; pydantic adds the field
         return value.strip()
+
+    @field_validator("sched_slice_us")
+    @classmethod
+    def _slice(cls, value: int) -> int:
+        if 0 < value < MIN_US:
+            raise ValueError(f"the kernel's shortest slice is {MIN_US} µs; 0 keeps its default")
+        return value
 
     @model_validator(mode="after")
     def _names(self) -> Self:

@@ -5,6 +5,7 @@ request the pipeline serves; a hot swap must reach the child; a child that dies 
 and the next request is answered by a new one."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -35,8 +36,10 @@ from service.model_process import (
 )
 from service.reload import RuntimeHolder
 from service.runtime import BatchTimings, Found, RecallJob, find_target, load_runtime
+from service.sched_slice import get_slice_us, set_slice_us
 from service.userstate import UserState, resolve
 from tests.serving import Tree, quiver_serve, running, running_app, settings
+from tests.test_service_sched_slice import kernel_takes_slices
 
 TOKEN = {"X-Quiver-Admin-Token": "s3cret"}
 # What the pipeline does differently by request: stored and request histories, exclusions, filters, rerank, an
@@ -297,3 +300,22 @@ def test_model_cpus_auto_pins_the_child_and_the_http_process_apart(
         assert {t: os.sched_getaffinity(t) for t in child_threads} == {t: {allowed[-1]} for t in child_threads}
         assert os.sched_getaffinity(0) == set(allowed[:-1])
     assert os.sched_getaffinity(0) == before  # put back when the model process closes
+
+
+@pytest.mark.skipif(not kernel_takes_slices(), reason="custom scheduler slices need Linux 6.12 or later")
+def test_sched_slice_reaches_the_http_process_and_every_thread_of_the_model_process(
+    tree: Tree, in_process: list[dict[str, Any]]
+) -> None:
+    app = create_app(settings(tree, model_process=True, sched_slice_us=300))
+    try:
+        with running_app(app) as url:  # this test process is the HTTP process here
+            remote: ModelProcess = app.state.services.model_process
+            assert _answers(url) == in_process
+            assert remote.pid is not None
+            child_threads = [int(t) for t in os.listdir(f"/proc/{remote.pid}/task")]
+            assert {t: get_slice_us(t) for t in child_threads} == {t: 300 for t in child_threads}
+            assert get_slice_us() == 300
+    finally:
+        for tid in map(int, os.listdir("/proc/self/task")):  # the rest of the suite runs on the kernel's default
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                set_slice_us(0, tid)
