@@ -77,7 +77,7 @@ def pin_process(cpus: frozenset[int]) -> dict[int, set[int]]:
     """Every thread of this process onto `cpus` (sched_setaffinity(0) would move only the calling one); returns each
     thread's previous CPUs, for `restore`."""
     before: dict[int, set[int]] = {}
-    for tid in _threads():
+    for tid in process_threads():
         try:
             before[tid] = os.sched_getaffinity(tid)
             os.sched_setaffinity(tid, cpus)
@@ -89,7 +89,7 @@ def pin_process(cpus: frozenset[int]) -> dict[int, set[int]]:
 def restore(before: dict[int, set[int]]) -> None:
     """Threads pinned by `pin_process` back to their CPUs; threads started since get the main thread's."""
     fallback = before.get(os.getpid())
-    for tid in _threads():
+    for tid in process_threads():
         cpus = before.get(tid, fallback)
         if cpus:
             try:
@@ -98,5 +98,6 @@ def restore(before: dict[int, set[int]]) -> None:
                 continue
 
 
-def _threads() -> list[int]:
+def process_threads() -> list[int]:
+    """Ids of this process's threads now (Linux): what a per-thread scheduler call has to visit."""
     return [int(t) for t in os.listdir("/proc/self/task")]

@@ -20,11 +20,14 @@ ignores the value.
 """
 
 import ctypes
+import functools
 import logging
 import os
 import platform
 import struct
 import sys
+
+from service.cpus import process_threads
 
 log = logging.getLogger("quiver.sched_slice")
 
@@ -45,9 +48,13 @@ def available() -> bool:
     return _syscalls() is not None
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _call(number: int, *args: object) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(number, *args) != 0:
+    if _libc().syscall(number, *args) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -81,7 +88,7 @@ def apply(us: int) -> int:
         log.info("QUIVER_SCHED_SLICE_US=%d not applied: no sched_setattr on %s", us, platform.machine())
         return 0
     changed = 0
-    for tid in map(int, os.listdir("/proc/self/task")):
+    for tid in process_threads():
         try:
             if os.sched_getscheduler(tid) == os.SCHED_OTHER:
                 set_slice_us(us, tid)

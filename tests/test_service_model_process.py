@@ -23,6 +23,7 @@ from index.filter import Filter
 from models.errors import QuiverError
 from service.app import create_app
 from service.batcher import MicroBatcher
+from service.cpus import process_threads
 from service.metrics import Metrics
 from service.model_process import (
     ModelProcess,
@@ -316,6 +317,6 @@ def test_sched_slice_reaches_the_http_process_and_every_thread_of_the_model_proc
             assert {t: get_slice_us(t) for t in child_threads} == {t: 300 for t in child_threads}
             assert get_slice_us() == 300
     finally:
-        for tid in map(int, os.listdir("/proc/self/task")):  # the rest of the suite runs on the kernel's default
+        for tid in process_threads():  # the rest of the suite runs on the kernel's default
             with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
                 set_slice_us(0, tid)

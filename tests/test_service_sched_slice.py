@@ -36,7 +36,7 @@ def test_settings_take_zero_or_the_kernel_range_and_name_the_field_otherwise() -
 
 
 def _run(code: str) -> str:
-    """`code` in a fresh interpreter: the test process's own threads keep the kernel's slice."""
+    """`code` in a fresh interpreter, so the test process's own threads are not changed (it inherits their slice)."""
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
