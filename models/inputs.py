@@ -4,7 +4,7 @@ The encodings are the bundle's saved ones, so an item or user is encoded exactly
 lists, oldest first; they become the (B, L) code matrices the towers read: left-aligned, 0-padded, the latest L kept.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from models.bundle import ModelBundle
 from models.embedding import Batch
-from models.features import FeatureEncoder
+from models.features import FeatureConfig, FeatureEncoder
 from models.sequence import HIST_TIME
 
 
@@ -32,14 +32,23 @@ def user_features(encoder: FeatureEncoder, users: pa.Table) -> dict[str, np.ndar
     return encoder.encode_table("user", users, users.num_rows)
 
 
-def history_codes(encoder: FeatureEncoder, histories: Sequence[Sequence[str]], length: int) -> dict[str, np.ndarray]:
-    """Each hist-group feature as (B, length) codes; unknown item ids map to the out-of-vocabulary code 1."""
+ItemCodeLookup = Callable[[FeatureConfig, list[str]], np.ndarray]  # item ids -> (n,) codes of one hist feature
+
+
+def history_codes(
+    encoder: FeatureEncoder, histories: Sequence[Sequence[str]], length: int, lookup: ItemCodeLookup | None = None
+) -> dict[str, np.ndarray]:
+    """Each hist-group feature as (B, length) codes; unknown item ids map to the out-of-vocabulary code 1.
+
+    lookup: what gives the flat ids' codes in place of `encoder.encode_item_ids` (the service's memo of them,
+    service/tower_inputs.py); it must return exactly what the encoder would."""
     cut = [list(h)[-length:] if length > 0 else [] for h in histories]
     lengths = np.fromiter((len(h) for h in cut), dtype=np.int64, count=len(cut))
-    flat = pa.array([str(x) for h in cut for x in h], pa.string())
+    ids = [str(x) for h in cut for x in h]
+    flat = pa.array(ids, pa.string()) if lookup is None else None
     out: dict[str, np.ndarray] = {}
     for f in encoder.groups.group("hist"):
-        codes = encoder.encode_item_ids(f, flat)  # (sum lengths,)
+        codes = encoder.encode_item_ids(f, flat) if flat is not None else lookup(f, ids)  # (sum lengths,)
         mat = np.zeros((len(cut), length), dtype=np.int64)
         mask = np.arange(length)[None, :] < lengths[:, None]  # (B, L) left-aligned
         mat[mask] = codes

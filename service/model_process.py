@@ -43,6 +43,7 @@ thread of its own, so a reload does not stop the batches. If the child dies, the
 
 import asyncio
 import logging
+import math
 import multiprocessing as mp
 import os
 import struct
@@ -134,7 +135,7 @@ def decode_batch(data: bytes) -> tuple[dict[str, Any], TowerInputs | None]:
     at, inputs = HEAD.size + n, {}
     for name, dtype, shape in head["inputs"]:
         dt = np.dtype(dtype)
-        count = int(np.prod(shape))
+        count = math.prod(shape)
         # a copy: torch reads only writable arrays, and the message's bytes are not
         inputs[name] = np.frombuffer(data, dtype=dt, count=count, offset=at).reshape(shape).copy()
         at += count * dt.itemsize

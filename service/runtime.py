@@ -24,11 +24,12 @@ from index.search import search_vectors
 from models.attributes import recorded_filterable
 from models.bundle import ModelBundle, load_bundle, read_manifest, resolve_bundle
 from models.errors import QuiverError
-from models.inputs import history_codes, history_length, history_times, to_batch, user_features
+from models.inputs import history_length, to_batch
 from models.rank import Ranker, retriever_model
-from models.sequence import HIST_TIME, reads_time
+from models.sequence import reads_time
 from service.schemas import ScoredItem
 from service.settings import Settings
+from service.tower_inputs import TowerInputEncoder, TowerInputs
 from service.userstate import BundleUsers, UserState
 
 
@@ -83,9 +84,6 @@ class Found(NamedTuple):
         return [{"item_id": i, "score": s, "interest": t} for i, s, t in zip(*self, strict=True)]
 
 
-TowerInputs = dict[str, np.ndarray]  # feature name -> (B,) or (B, L) codes / values
-
-
 @dataclass
 class BatchTimings:
     user_tower: float = 0.0
@@ -106,6 +104,10 @@ class Runtime:
         self.history_len = history_length(model)  # L of the user tower
         self.state_len = max(self.history_len, ranker.history_len if ranker else 0)  # history any stage reads
         self.rows = index.row_of()  # item id -> index label
+        self.inputs = TowerInputEncoder(
+            model.encoder, self.users, self.rows, len(index.ids), self.history_len, self.reads_time
+        )
+        self.searcher = index.searcher  # built once: FAISS's wrapper looks its index up again on every build
         self._popular_order, self._popular_score = self._popularity()
         self.attributes = self._attributes()
 
@@ -168,13 +170,7 @@ class Runtime:
         """The user tower's encoded features for a batch of states: profile codes, (B, L) history codes (and times
         for a time-reading model). Pure lookups and hashing, no weights: the model process's HTTP side computes
         them, so the child, which sets the rate at saturation, only runs the tower."""
-        enc = self.model.encoder
-        table = self.users.profile_table([s.profile for s in states])
-        feats = user_features(enc, table) | history_codes(enc, [s.history for s in states], self.history_len)
-        if self.reads_time:  # a history without times is read as clicks at one instant (flagged degraded)
-            clocks = [s.history_time if s.history_time is not None else [0] * len(s.history) for s in states]
-            feats[HIST_TIME] = history_times(clocks, self.history_len)
-        return feats
+        return self.inputs.encode(states)
 
     @torch.inference_mode()
     def tower(self, feats: TowerInputs) -> tuple[np.ndarray, np.ndarray]:
@@ -214,7 +210,7 @@ class Runtime:
                 width = max(jobs[tower[r]].fetch for r in members)
                 banned = [self.excluded(jobs[tower[r]]) for r in members]
                 found = search_vectors(
-                    self.index.index, vectors[rows], mask[rows], width, banned, passing.get(key) if key else None
+                    self.searcher, vectors[rows], mask[rows], width, banned, passing.get(key) if key else None
                 )
                 for r, (labels, scores, interests) in zip(members, found, strict=True):
                     n = jobs[tower[r]].fetch

@@ -88,6 +88,14 @@ class BundleUsers:
             return None
         return [int(t) for t in self.table.column("history_time")[r].as_py() or []]
 
+    def rows_table(self, rows: Sequence[int]) -> pa.Table:
+        """The stored profiles of these rows, laid out and typed as `profile_table` lays out their `get` profiles
+        (a column users.parquet lacks is all null)."""
+        take = pa.array(rows, type=pa.int64())
+        stored = self._profile | {"user_id": self.table["user_id"]}
+        absent = {c: pa.nulls(len(rows), self._types.get(c, pa.string())) for c in self.columns if c not in stored}
+        return pa.table({c: stored[c].take(take) if c in stored else absent[c] for c in self.columns})
+
     def profile_table(self, profiles: Sequence[Mapping[str, Any]]) -> pa.Table:
         """Rows of profile fields (strings from Redis or JSON values from a request) as a table typed like
         users.parquet, so the bundle's encodings read them exactly as in training. A value that does not convert
@@ -123,6 +131,9 @@ class UserState:
     known: bool  # some layer knows this user (or the request described them)
     degraded: list[str] = field(default_factory=list)
     history_time: list[int] | None = None  # click times of `history` (seconds), where its source has them
+    # the bundle's users.parquet row when `profile` is exactly that row's (no Redis field, no request feature): its
+    # tower inputs can then be read from a memo of the row's encoding (service/tower_inputs.py)
+    profile_row: int | None = None
 
     @property
     def popularity_only(self) -> bool:
@@ -383,12 +394,15 @@ def resolve(
     stored = bundle.get(user_id)
     profile: dict[str, Any] = dict(stored[0]) if stored else {}
     known = stored is not None
+    row = bundle.row[user_id] if stored else None
     if redis_record is not None:
-        profile.update({k: v for k, v in redis_record.profile.items() if k in bundle.columns and k != "user_id"})
+        live = {k: v for k, v in redis_record.profile.items() if k in bundle.columns and k != "user_id"}
+        profile.update(live)
         known = known or bool(redis_record.profile) or redis_record.history is not None
+        row = None if live else row
     if features:
         profile.update(features)
-        known = True
+        known, row = True, None
     profile["user_id"] = user_id
     times: list[int] | None = None
     if history is not None:
@@ -400,7 +414,7 @@ def resolve(
         hist, source, times = stored[1], "bundle", bundle.times(user_id)
     else:
         hist, source, times = [], "none", []
-    state = UserState(user_id, profile, hist, source, known or bool(hist), degraded, times)
+    state = UserState(user_id, profile, hist, source, known or bool(hist), degraded, times, row)
     if state.popularity_only:
         state.degraded.append(POPULARITY_FALLBACK)
     return state
