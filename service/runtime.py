@@ -25,6 +25,7 @@ from models.attributes import recorded_filterable
 from models.bundle import ModelBundle, load_bundle, read_manifest, resolve_bundle
 from models.errors import QuiverError
 from models.inputs import history_length, to_batch
+from models.numpy_tower import NumpyTower
 from models.rank import Ranker, retriever_model
 from models.sequence import reads_time
 from service.schemas import ScoredItem
@@ -95,6 +96,8 @@ class Runtime:
         self.model = model
         self.retriever = retriever_model(model).eval()
         self.reads_time = reads_time(getattr(self.retriever, "cfg", None))  # HSTU time buckets: history times too
+        on_cpu = all(p.device.type == "cpu" for p in self.retriever.parameters())
+        self.small_tower = NumpyTower.compile(self.retriever) if on_cpu else None  # few-row batches, torch's maths
         self.index = index
         self.ranker = ranker
         self.loaded_at = time.time()
@@ -174,7 +177,11 @@ class Runtime:
 
     @torch.inference_mode()
     def tower(self, feats: TowerInputs) -> tuple[np.ndarray, np.ndarray]:
-        """(B, K, D) float32 interest vectors and their (B, K) mask, one tower pass for the whole batch."""
+        """(B, K, D) float32 interest vectors and their (B, K) mask, one tower pass for the whole batch. A batch of
+        a few rows goes through the numpy copy of the tower where the model has one (models/numpy_tower.py): the
+        same maths without torch's per-op dispatch, which is most of a small batch's cost."""
+        if self.small_tower is not None and len(next(iter(feats.values()))) <= self.small_tower.max_rows:
+            return self.small_tower(feats)
         vectors, mask = self.retriever.interests(to_batch(feats, slice(None), torch.device("cpu")))
         return vectors.float().numpy(), mask.numpy()
 
