@@ -32,8 +32,7 @@ SINGLE_THREAD_GEMM = 65_536 * 4
 @dataclass(frozen=True)
 class _Feature:
     name: str
-    kind: str  # "dense" | "codes" (pooled when 2-D)
-    table: np.ndarray | None  # (V, E) float32
+    table: np.ndarray | None  # (V, E) float32; None for a dense feature, whose value goes in as it is
 
 
 def _view(t: torch.Tensor) -> np.ndarray:
@@ -84,8 +83,7 @@ def _features(embedding: FeatureEmbedding, group: str) -> list[_Feature] | None:
         return None
     out = []
     for f in embedding.groups.group(group):
-        table = None if f.kind == "dense" else _view(embedding.table(f).weight)
-        out.append(_Feature(f.name, "dense" if f.kind == "dense" else "codes", table))
+        out.append(_Feature(f.name, None if f.kind == "dense" else _view(embedding.table(f).weight)))
     return out
 
 
@@ -118,7 +116,7 @@ class NumpyTower:
         parts = []
         for f in self.features:
             x = feats[f.name]
-            if f.kind == "dense":
+            if f.table is None:
                 parts.append(x.astype(np.float32)[:, None])  # (B, 1)
             elif x.ndim == 1:
                 parts.append(f.table[x])  # (B, E)

@@ -175,15 +175,15 @@ class Runtime:
         them, so the child, which sets the rate at saturation, only runs the tower."""
         return self.inputs.encode(states)
 
-    @torch.inference_mode()
     def tower(self, feats: TowerInputs) -> tuple[np.ndarray, np.ndarray]:
         """(B, K, D) float32 interest vectors and their (B, K) mask, one tower pass for the whole batch. A batch of
         a few rows goes through the numpy copy of the tower where the model has one (models/numpy_tower.py): the
         same maths without torch's per-op dispatch, which is most of a small batch's cost."""
         if self.small_tower is not None and len(next(iter(feats.values()))) <= self.small_tower.max_rows:
-            return self.small_tower(feats)
-        vectors, mask = self.retriever.interests(to_batch(feats, slice(None), torch.device("cpu")))
-        return vectors.float().numpy(), mask.numpy()
+            return self.small_tower(feats)  # no torch op: torch's inference mode is not entered either
+        with torch.inference_mode():
+            vectors, mask = self.retriever.interests(to_batch(feats, slice(None), torch.device("cpu")))
+            return vectors.float().numpy(), mask.numpy()
 
     def user_vectors(self, states: Sequence[UserState]) -> tuple[np.ndarray, np.ndarray]:
         return self.tower(self.tower_inputs(states))
