@@ -193,5 +193,5 @@ def build_searcher(
             )
         rows = np.sort(np.random.default_rng(seed).choice(n, size=spec.sample_size(n), replace=False))
         sample = vectors[rows]
-    index, on_gpu = build_index(spec, vectors.shape[1], metric, _chunks(vectors), sample, gpu=gpu)
+    index, on_gpu = build_index(spec, vectors.shape[1], metric, _chunks(vectors), sample, gpu=gpu, catalog=vectors)
     return FaissSearcher(index), on_gpu

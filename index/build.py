@@ -31,7 +31,8 @@ from index.bundle import (
     read_index_manifest,
     write_files,
 )
-from index.factory import AUTO, IndexSpec, build_index, metric_for, metric_name, use_all_cores
+from index.factory import AUTO, IndexSpec, build_index, metric_for, metric_name, refines, use_all_cores
+from index.lloyd import LLOYD_STEPS
 from index.options import DEFAULT_FACTORY, DEFAULT_K, BuildOptions, PublishOptions
 from index.publish import commit, current_version, intact, point_current
 from index.quality import ExactTopK, Quality, check_floor, measure, query_vectors
@@ -252,6 +253,8 @@ def build(
             "device": "gpu" if on_gpu else "cpu",
             "threads": threads_used,
             "train_sample": _train_sample(spec, len(ids)),
+            # full-catalog Lloyd steps the IVF centroids took after k-means on the sample (index/lloyd.py)
+            "lloyd_steps": LLOYD_STEPS if not streamed and refines(spec, len(ids), on_gpu) else 0,
             "seconds": round(time.perf_counter() - started, 3),
         },
     }

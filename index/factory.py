@@ -22,6 +22,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from index.lloyd import lloyd_steps
 from models.errors import QuiverError
 
 Kind = Literal["flat", "hnsw", "ivf_flat", "ivf_sq", "ivf_pq", "scann"]
@@ -245,6 +246,13 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
             raise QuiverError(f"search parameter {name}={value}: not valid for this index type") from None
 
 
+def refines(spec: IndexSpec, n: int, on_gpu: bool) -> bool:
+    """Whether a build over an in-memory catalog of n items gives its IVF centroids Lloyd steps over all of them
+    (index/lloyd.py): IVF layouts whose sample is not the whole catalog, built on the CPU (the GPU path trains as
+    FAISS does)."""
+    return spec.kind in ("ivf_flat", "ivf_sq", "ivf_pq") and not on_gpu and n > spec.sample_size(n)
+
+
 class Builder:
     """Adds streamed (labels, vectors) batches to an index, on the GPU when FAISS sees one.
 
@@ -270,8 +278,9 @@ class Builder:
     def on_gpu(self) -> bool:
         return self.gpu_res is not None
 
-    def train(self, sample: np.ndarray) -> None:
-        """sample: (n, D) float32 drawn from the catalog."""
+    def train(self, sample: np.ndarray, catalog: np.ndarray | None = None) -> None:
+        """sample: (n, D) float32 drawn from the catalog; catalog: (N, D) all of it, where it is in memory: the lists'
+        centroids then take Lloyd steps over every item (index/lloyd.py), and the codes train on the result."""
         if not self.spec.needs_training:
             return
         if sample.shape[0] < self.spec.min_items():
@@ -279,7 +288,20 @@ class Builder:
                 f"index {self.spec.factory!r}: needs at least {self.spec.min_items()} items to train, "
                 f"the catalog has {sample.shape[0]}"
             )
-        self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        if catalog is None or not refines(self.spec, len(catalog), self.on_gpu):
+            self.index.train(sample)
+            return
+        ivf = faiss.extract_index_ivf(self.index)
+        ivf.cp.spherical = False  # plain means throughout (FAISS normalises them for inner product): index/lloyd.py
+        self.index.train(sample)
+        centroids = lloyd_steps(ivf.quantizer.reconstruct_n(0, ivf.nlist), catalog, self.metric)
+        ivf.quantizer.reset()
+        ivf.quantizer.add(centroids)
+        # the codes (SQ / PQ, on residuals) train again on the new centroids; a quantizer already holding nlist
+        # centroids is kept as it is
+        ivf.is_trained = False
+        self.index.train(sample)
 
     def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
         """labels: (b,) int64 ids.npy rows; vectors: (b, D) float32."""
@@ -298,13 +320,15 @@ def build_index(
     batches: Iterable[tuple[np.ndarray, np.ndarray]],
     sample: np.ndarray | None = None,
     gpu: bool | None = None,
+    catalog: np.ndarray | None = None,
 ) -> tuple[faiss.Index, bool]:
-    """Train (IVF) on `sample`, add every (labels, vectors) batch; returns the CPU index and whether a GPU built it."""
+    """Train (IVF) on `sample`, add every (labels, vectors) batch; returns the CPU index and whether a GPU built it.
+    catalog: (N, D) every item, where the caller holds them: an IVF layout's centroids are refined on them."""
     builder = Builder(spec, dim, metric, gpu=gpu)
     if spec.needs_training:
         if sample is None:
             raise QuiverError(f"index {spec.factory!r}: needs a training sample")
-        builder.train(sample)
+        builder.train(sample, catalog)
     for labels, vectors in batches:
         builder.add(labels, vectors)
     return builder.finish(), builder.on_gpu
