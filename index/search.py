@@ -84,13 +84,12 @@ def _take_single(
         gone = np.sort(np.concatenate(excluded))  # the excluded keys
         # membership by binary search: np.isin sorts keys and exclusions together, 5x slower at these sizes
         keep &= gone[np.minimum(np.searchsorted(gone, keys), gone.size - 1)] != keys
-    keep &= np.cumsum(keep, axis=1) <= k
     short = []
     zeros = np.zeros(k, dtype=np.int64)
     for r, u in enumerate(users.tolist()):
         sel = keep[r]
-        got = labels[r][sel]
-        results[u] = (got, scores[r][sel], zeros[: got.size])
+        got = labels[r][sel][:k]
+        results[u] = (got, scores[r][sel][:k], zeros[: got.size])
         if got.size < k:
             short.append(u)
     return short
@@ -117,17 +116,22 @@ def search_vectors(
         raise QuiverError(f"k must be at least 1, got {k}")
     if passing is not None and passing.exact:  # few items pass: score exactly those
         return search_exact(gathered(passing, index), index.metric_type, vectors, mask, k, exclude)
-    mask = np.ones((b, kk), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    mask = None if mask is None else np.asarray(mask, dtype=bool)
     larger = index.metric_type == faiss.METRIC_INNER_PRODUCT
     banned = [_sorted_unique(e) for e in exclude] if exclude else []
     banned += [np.zeros(0, dtype=np.int64)] * (b - len(banned))
-    owner, interest = np.nonzero(mask)  # (Q,) user row and interest slot of each active vector
-    queries = np.ascontiguousarray(vectors[owner, interest], dtype=np.float32)  # (Q, D)
+    if kk == 1 and (mask is None or mask.all()):  # a single-vector tower's batch: every row is one query
+        owner, interest, single = np.arange(b), np.zeros(b, dtype=np.intp), True
+        queries = np.ascontiguousarray(vectors[:, 0], dtype=np.float32)  # (B, D)
+    else:
+        mask = np.ones((b, kk), dtype=bool) if mask is None else mask
+        owner, interest = np.nonzero(mask)  # (Q,) user row and interest slot of each active vector
+        queries = np.ascontiguousarray(vectors[owner, interest], dtype=np.float32)  # (Q, D)
+        single = bool(mask.sum(axis=1).max(initial=0) <= 1)  # one vector per user: rows need no merging
     n = int(index.ntotal)
     results: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [
         (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
     ] * b
-    single = bool(mask.sum(axis=1).max(initial=0) <= 1)  # one vector per user: rows need no merging
     # users still short of k (a user with no active interest gets nothing); np.nonzero lists owners in order, so
     # with one vector per user they are distinct already
     pending = owner if single else np.unique(owner)
@@ -179,7 +183,12 @@ def search_vectors(
         assert passing is not None
         users = np.asarray(exhausted)
         exact = search_exact(
-            gathered(passing, index), index.metric_type, vectors[users], mask[users], k, [banned[u] for u in users]
+            gathered(passing, index),
+            index.metric_type,
+            vectors[users],
+            None if mask is None else mask[users],
+            k,
+            [banned[u] for u in users],
         )
         for u, got in zip(exhausted, exact, strict=True):
             results[u] = got

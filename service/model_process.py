@@ -17,9 +17,10 @@ pickled data:
     batches -> answers (in order):     head {"seq": n, "versions": [m, i, r], "jobs": [job, ...],
                                                  "inputs": [[name, dtype, shape], ...] | null} + arrays
                                        -> head + items | {"seq": n, "error": "..."}
-    A batch's head comes after 4 bytes of its length, then the personalised jobs' tower inputs
-    (`Runtime.tower_inputs`), each array's raw bytes in the head's order: the HTTP process encodes the features
-    (profile codes, history id hashing), the child only runs the tower and the search.
+    A batch's head comes after 4 bytes of its length, then the personalised jobs' profile inputs
+    (`Runtime.profile_inputs`), each array's raw bytes in the head's order. A job is [user_id, personalised, fetch,
+    exclude ids, filter clauses, render, history ids, click times | null]: the HTTP process encodes the profiles (its
+    memo of the bundle's rows), the child the histories and the exclusions, whose per-id label lookups cost the most.
     head: {"seq": n, "found": [[ids, scores, interests] | nbytes, ...], "tower": s, "search": s}, after 4 bytes of
     its length; then, for each job that asked for it (`RecallJob.render`: no rerank), its answer's `items` as
     JSON bytes, `nbytes` long, in job order.
@@ -46,6 +47,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import select
 import struct
 import threading
 import time
@@ -88,13 +90,16 @@ HEAD = struct.Struct(">I")  # the length of an answer's JSON head
 
 
 def encode_job(job: RecallJob, rt: Runtime) -> list[Any]:
-    """The excluded items travel as `rt`'s index labels: the batch names rt's versions, so the child reads them in the
-    same label map, and the dict probes (about 1 µs an id in a 1M-item map) are paid by the HTTP process, which has
-    the spare time at saturation, not by the child, which sets the rate. The user's state travels as its tower
-    inputs (`encode_batch`), so a job says only whether the tower runs for it."""
+    """The excluded items and the history travel as item ids: their label lookups (about 1 µs an id in a 1M-item map,
+    most of it cache misses) are the child's, which has the spare time at saturation since the index got cheaper,
+    not the HTTP process's, which sets the rate (bench/README "serve.py"). The profile travels encoded
+    (`encode_batch`); the click times only where the model reads them."""
     clauses = job.filter.clauses if job.filter is not None else None
-    personal = not job.state.popularity_only
-    return [job.state.user_id, personal, job.fetch, rt.excluded(job), clauses, job.render]
+    state = job.state
+    personal = not state.popularity_only
+    history = state.history if personal else []
+    times = state.history_time if personal and rt.reads_time else None
+    return [state.user_id, personal, job.fetch, job.exclude, clauses, job.render, history, times]
 
 
 def _tuples(value: Any) -> Any:
@@ -103,16 +108,16 @@ def _tuples(value: Any) -> Any:
 
 
 def decode_job(row: list[Any]) -> RecallJob:
-    user_id, personal, fetch, excluded, clauses, render = row
-    # the child reads only whether the tower runs (UserState.popularity_only: not known and no history); the
-    # profile and history arrived encoded
-    state = UserState(user_id, {}, [], "", bool(personal), [], None)
+    user_id, personal, fetch, exclude, clauses, render, history, times = row
+    # the child reads whether the tower runs (UserState.popularity_only: not known and no history) and the history;
+    # the profile arrived encoded
+    state = UserState(user_id, {}, history, "", bool(personal), [], times)
     flt = Filter(_tuples(clauses)) if clauses is not None else None
-    return RecallJob(state, fetch, [], flt, render, exclude_labels=excluded)
+    return RecallJob(state, fetch, exclude, flt, render)
 
 
 def encode_batch(seq: int, rt: Runtime, jobs: Sequence[RecallJob], inputs: TowerInputs | None) -> bytes:
-    """A batch for the child: its head, then its tower inputs (`rt.job_inputs(jobs)`) as raw arrays."""
+    """A batch for the child: its head, then its profile inputs (`rt.profile_inputs(jobs)`) as raw arrays."""
     inputs = inputs or {}
     arrays = [np.ascontiguousarray(a) for a in inputs.values()]
     head = orjson.dumps(
@@ -224,10 +229,13 @@ def _child_main(
             control.send_bytes(orjson.dumps(reply))
 
     threading.Thread(target=loader, name="quiver-model-loader", daemon=True).start()
+    # `Connection.poll` builds a selector per call; one poll object asks the same in a single system call
+    queued = select.poll()
+    queued.register(batches.fileno(), select.POLLIN)
     while True:
         try:
             waiting = [decode_batch(batches.recv_bytes())]
-            while batches.poll():  # what else queued while the last batch ran: one tower pass and search for all
+            while queued.poll(0):  # what else queued while the last batch ran: one tower pass and search for all
                 waiting.append(decode_batch(batches.recv_bytes()))
         except EOFError:  # the HTTP process closed the pipe or died: nothing left to serve
             return
@@ -246,11 +254,17 @@ def _answer_run(rt: Runtime | None, batches: list[tuple[dict[str, Any], TowerInp
         return [_error_answer(m["seq"], f"triple {m['versions']} is not loaded") for m in msgs]
     try:
         per_msg = [[decode_job(j) for j in m["jobs"]] for m in msgs]
+        jobs = [job for batch in per_msg for job in batch]
         parts = [inputs for _, inputs in batches if inputs is not None]
         inputs = None
-        if parts:
+        if parts:  # the profiles from the HTTP process, the histories encoded here: the personalised jobs, in order
+            t0 = time.perf_counter()
             inputs = parts[0] if len(parts) == 1 else {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
-        found, timings = rt.recall([job for jobs in per_msg for job in jobs], inputs)
+            inputs |= rt.inputs.histories([job.state for job in jobs if not job.state.popularity_only])
+            encoding = time.perf_counter() - t0
+        found, timings = rt.recall(jobs, inputs)
+        if parts:
+            timings.user_tower += encoding
         total, at, outs = max(len(found), 1), 0, []
         for m, jobs in zip(msgs, per_msg, strict=True):
             share = len(jobs) / total
@@ -288,6 +302,7 @@ class ModelProcess:
         self._proc: Any = None
         self._batches: Connection | None = None  # to the child (blocking writes)
         self._answers: Connection | None = None  # from the child (read when the event loop says it is readable)
+        self._answered: select.poll | None = None  # whether an answer waits on _answers
         self._control: Connection | None = None
 
     @property
@@ -317,6 +332,8 @@ class ModelProcess:
             await asyncio.to_thread(self._respawn)
             assert self._loop is not None and self._answers is not None
             fd = self._answers.fileno()
+            self._answered = select.poll()  # `Connection.poll` would build a selector on every call
+            self._answered.register(fd, select.POLLIN)
             self._loop.add_reader(fd, self._on_readable)
             os.set_blocking(fd, True)  # the loop only polls it; a read takes a whole answer, however it arrives
 
@@ -368,10 +385,10 @@ class ModelProcess:
     def _on_readable(self) -> None:
         """Event-loop callback: hand each complete answer to the oldest batch still waiting (the child answers in
         the order it was sent)."""
-        answers = self._answers
-        assert answers is not None
+        answers, answered = self._answers, self._answered
+        assert answers is not None and answered is not None
         try:
-            while answers.poll():
+            while answered.poll(0):
                 reply = decode_answer(answers.recv_bytes())
                 if not self._pending:
                     raise ModelProcessDown("model process answered a batch nobody sent")
@@ -400,7 +417,7 @@ class ModelProcess:
         assert self._loop is not None and self._batches is not None
         seq = self._sent
         t0 = time.perf_counter()
-        inputs = rt.job_inputs(jobs)  # the features' encoding: part of the tower's time
+        inputs = rt.profile_inputs(jobs)  # the profiles' encoding: part of the tower's time
         encoding = time.perf_counter() - t0
         msg = encode_batch(seq, rt, jobs, inputs)
         self._sent += 1

@@ -68,9 +68,6 @@ class RecallJob:
     exclude: list[str]  # item ids to leave out
     filter: Filter | None = None  # attributes every item must have (parsed by Runtime.attributes.parse)
     render: bool = False  # the answer's items as JSON will do (no rerank): the model process then renders them
-    # `exclude` as this triple's index labels, when the caller looked them up already (the HTTP process does, for the
-    # model process: its event loop has spare time, the child sets the rate); None: looked up from `exclude`
-    exclude_labels: list[int] | None = None
 
 
 class Found(NamedTuple):
@@ -156,7 +153,7 @@ class Runtime:
         return [r for i in item_ids if (r := rows.get(i)) is not None]
 
     def excluded(self, job: RecallJob) -> list[int]:
-        return job.exclude_labels if job.exclude_labels is not None else self.labels(job.exclude)
+        return self.labels(job.exclude)
 
     def popular(self, fetch: int, excluded: Sequence[int], passing: Passing | None = None) -> Found:
         """The most popular items not excluded (and passing the filter): the answer for a user nobody knows."""
@@ -188,23 +185,25 @@ class Runtime:
     def user_vectors(self, states: Sequence[UserState]) -> tuple[np.ndarray, np.ndarray]:
         return self.tower(self.tower_inputs(states))
 
-    def job_inputs(self, jobs: Sequence[RecallJob]) -> TowerInputs | None:
-        """The tower inputs `recall` reads: the personalised jobs' (not popularity-only), in job order; None if no job
-        is personalised."""
+    def profile_inputs(self, jobs: Sequence[RecallJob]) -> TowerInputs | None:
+        """The user group's part of the tower inputs `recall` reads: the personalised jobs' (not popularity-only), in
+        job order; None if no job is personalised. The model process's HTTP side encodes these (from the profile
+        memo, whose rows live there); the child adds the histories' (`inputs.histories`)."""
         states = [job.state for job in jobs if not job.state.popularity_only]
-        return self.tower_inputs(states) if states else None
+        return self.inputs.profiles(states) if states else None
 
     def recall(self, jobs: Sequence[RecallJob], inputs: TowerInputs | None = None) -> tuple[list[Found], BatchTimings]:
         """Top-`fetch` items per job: every personalised job's interests in one tower pass and one index search.
 
-        inputs: `job_inputs(jobs)`, when the caller encoded them already (the model process's HTTP side)."""
+        inputs: `tower_inputs` of the personalised jobs' states, when the caller encoded them already (the model
+        process)."""
         timings = BatchTimings()
         out = [Found([], [], [])] * len(jobs)
         passing = {job.filter.key: self.passing(job.filter) for job in jobs if job.filter is not None}
         tower = [j for j, job in enumerate(jobs) if not job.state.popularity_only]
         if tower:
             t0 = time.perf_counter()
-            if inputs is None:  # the same rows as job_inputs(jobs)
+            if inputs is None:
                 inputs = self.tower_inputs([jobs[j].state for j in tower])
             vectors, mask = self.tower(inputs)
             t1 = time.perf_counter()

@@ -55,9 +55,11 @@ class TowerInputEncoder:
     def encode(self, states: Sequence[UserState]) -> TowerInputs:
         """Profile codes, (B, L) history codes (and times for a time-reading model), as the bundle's encoder gives
         them."""
-        feats = self.profiles(states) | history_codes(
-            self.encoder, [s.history for s in states], self.history_len, self.item_codes
-        )
+        return self.profiles(states) | self.histories(states)
+
+    def histories(self, states: Sequence[UserState]) -> TowerInputs:
+        """The history group's features, (B, L) each: item codes (and click times for a time-reading model)."""
+        feats = history_codes(self.encoder, [s.history for s in states], self.history_len, self.item_codes)
         if self.reads_time:  # a history without times is read as clicks at one instant (flagged degraded)
             clocks = [s.history_time if s.history_time is not None else [0] * len(s.history) for s in states]
             feats[HIST_TIME] = history_times(clocks, self.history_len)

@@ -71,6 +71,7 @@ class BundleUsers:
         present = [c for c in self.columns if c != "user_id" and c in users.column_names]
         self._profile = {c: users[c].combine_chunks() for c in present}
         self._history = users["history"].combine_chunks() if "history" in users.column_names else None
+        self._times = users["history_time"].combine_chunks() if "history_time" in users.column_names else None
 
     def get(self, user_id: str) -> tuple[dict[str, Any], list[str]] | None:
         r = self.row.get(user_id)
@@ -84,9 +85,9 @@ class BundleUsers:
     def times(self, user_id: str) -> list[int] | None:
         """The stored history's click times, where the bundle kept them (models that read them)."""
         r = self.row.get(user_id)
-        if r is None or "history_time" not in self.table.column_names:
+        if r is None or self._times is None:
             return None
-        return [int(t) for t in self.table.column("history_time")[r].as_py() or []]
+        return [int(t) for t in self._times[r].as_py() or []]
 
     def rows_table(self, rows: Sequence[int]) -> pa.Table:
         """The stored profiles of these rows, laid out and typed as `profile_table` lays out their `get` profiles

@@ -180,26 +180,29 @@ def test_batches_cross_the_pipe_unchanged(tree: Tree) -> None:
         RecallJob(nobody, 4, [known[0]]),
         RecallJob(other, 3, [], None, render=True),
     ]
-    head, inputs = decode_batch(encode_batch(9, rt, jobs, rt.job_inputs(jobs)))
+    head, inputs = decode_batch(encode_batch(9, rt, jobs, rt.profile_inputs(jobs)))
     assert head["seq"] == 9 and tuple(head["versions"]) == rt.versions
-    for back, job in zip([decode_job(j) for j in head["jobs"]], jobs, strict=True):
+    backs = [decode_job(j) for j in head["jobs"]]
+    for back, job in zip(backs, jobs, strict=True):
         assert back.render == job.render and back.fetch == job.fetch
         assert back.filter == job.filter and (back.filter is None or hash(back.filter.key) == hash(job.filter.key))
-        # the exclusions arrive as the triple's labels, an id the index does not know dropped as the lookup drops it
-        assert back.exclude_labels == rt.labels(job.exclude) == [rt.rows[i] for i in job.exclude if i != "nope"]
-        assert rt.excluded(back) == rt.excluded(job)
+        # the exclusions arrive as ids; the child drops an id the index does not know as the lookup drops it
+        assert back.exclude == job.exclude and rt.excluded(back) == [rt.rows[i] for i in job.exclude if i != "nope"]
         assert back.state.user_id == job.state.user_id
         assert back.state.popularity_only == job.state.popularity_only  # the tower runs for the same jobs
-    # the personalised jobs' states arrive as their tower inputs, array for array, in job order
+        assert back.state.history == (job.state.history if not job.state.popularity_only else [])
+    # the personalised jobs' profiles arrive encoded, array for array, in job order; the child adds the histories
     want = rt.tower_inputs([state, other])
-    assert inputs is not None and list(inputs) == list(want)
+    assert inputs is not None and list(inputs) == list(rt.inputs.profiles([state, other]))
+    inputs |= rt.inputs.histories([b.state for b in backs if not b.state.popularity_only])
+    assert sorted(inputs) == sorted(want)
     for name, a in want.items():
         assert inputs[name].dtype == a.dtype and inputs[name].shape == a.shape and (inputs[name] == a).all(), name
     assert (rt.tower(inputs)[0] == rt.user_vectors([state, other])[0]).all()
     # a batch of unknown users only carries no inputs; bytes beyond a batch's inputs are refused
-    assert decode_batch(encode_batch(3, rt, [jobs[1]], rt.job_inputs([jobs[1]])))[1] is None
+    assert decode_batch(encode_batch(3, rt, [jobs[1]], rt.profile_inputs([jobs[1]])))[1] is None
     with pytest.raises(ValueError):
-        decode_batch(encode_batch(9, rt, jobs, rt.job_inputs(jobs)) + b"\0")
+        decode_batch(encode_batch(9, rt, jobs, rt.profile_inputs(jobs)) + b"\0")
 
 
 def test_answers_cross_the_pipe_as_found_or_as_the_items_json() -> None:
@@ -224,7 +227,7 @@ def test_batches_that_queued_together_are_computed_as_one_and_answered_each(tree
     top = rt.recall([RecallJob(state[1], 1, [])])[0][0].item_ids  # the item u002 would get first, excluded below
     first = [RecallJob(state[0], 5, [], render=True), RecallJob(state[1], 3, top)]
     second = [RecallJob(state[2], 4, [], render=True), RecallJob(state[3], 2, [])]
-    msgs = [decode_batch(encode_batch(s, rt, jobs, rt.job_inputs(jobs))) for s, jobs in ((7, first), (8, second))]
+    msgs = [decode_batch(encode_batch(s, rt, jobs, rt.profile_inputs(jobs))) for s, jobs in ((7, first), (8, second))]
     outs = [decode_answer(out) for out in _answer_run(rt, msgs)]
     assert [o["seq"] for o in outs] == [7, 8]
     for out, jobs in zip(outs, (first, second), strict=True):

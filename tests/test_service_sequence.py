@@ -170,7 +170,7 @@ def test_a_time_reading_model_is_served_with_the_click_times(
 
 
 def test_the_model_process_gets_a_time_reading_models_click_times(hstu_time_tree: tuple[Path, ModelBundle]) -> None:
-    """QUIVER_MODEL_PROCESS: the HTTP process encodes the tower's inputs, the click times among them; the child's
+    """QUIVER_MODEL_PROCESS: the click times travel to the child with the history, which encodes both; the child's
     answer is the in-process one, and moving the clicks in time moves it."""
     root, bundle = hstu_time_tree
     rt = load_runtime(find_target(settings(root, model="tiny_hstu", ranker=None)))
@@ -181,8 +181,9 @@ def test_the_model_process_gets_a_time_reading_models_click_times(hstu_time_tree
         RecallJob(UserState(str(rec["user_id"]), {"user_id": rec["user_id"]}, history, "request", True, [], t), 20, [])
         for t in (times, later)
     ]
-    head, inputs = decode_batch(encode_batch(1, rt, jobs, rt.job_inputs(jobs)))
-    assert inputs is not None and (inputs[HIST_TIME][:, : len(times)] == [times, later]).all()
+    head, inputs = decode_batch(encode_batch(1, rt, jobs, rt.profile_inputs(jobs)))
+    assert [j[-1] for j in head["jobs"]] == [times, later]  # the clicks' times travel with the history's ids
+    assert HIST_TIME not in (inputs or {})  # encoded by the child, with the history
     (answer,) = _answer_run(rt, [(head, inputs)])
     found = decode_answer(answer)["found"]
     alone, _ = rt.recall(jobs)
