@@ -294,14 +294,11 @@ class Builder:
             return
         ivf = faiss.extract_index_ivf(self.index)
         ivf.cp.spherical = False  # plain means throughout (FAISS normalises them for inner product): index/lloyd.py
-        self.index.train(sample)
+        ivf.train_q1(len(sample), faiss.swig_ptr(sample), False, self.metric)  # FAISS's k-means of the lists alone
         centroids = lloyd_steps(ivf.quantizer.reconstruct_n(0, ivf.nlist), catalog, self.metric)
         ivf.quantizer.reset()
         ivf.quantizer.add(centroids)
-        # the codes (SQ / PQ, on residuals) train again on the new centroids; a quantizer already holding nlist
-        # centroids is kept as it is
-        ivf.is_trained = False
-        self.index.train(sample)
+        self.index.train(sample)  # keeps a quantizer holding nlist centroids, trains the codes (SQ / PQ) on them
 
     def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
         """labels: (b,) int64 ids.npy rows; vectors: (b, D) float32."""

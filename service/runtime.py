@@ -168,8 +168,8 @@ class Runtime:
 
     def tower_inputs(self, states: Sequence[UserState]) -> TowerInputs:
         """The user tower's encoded features for a batch of states: profile codes, (B, L) history codes (and times
-        for a time-reading model). Pure lookups and hashing, no weights: the model process's HTTP side computes
-        them, so the child, which sets the rate at saturation, only runs the tower."""
+        for a time-reading model). Pure lookups and hashing, no weights: with the model process, its HTTP side
+        encodes the profiles (`profile_inputs`) and the child the histories."""
         return self.inputs.encode(states)
 
     def tower(self, feats: TowerInputs) -> tuple[np.ndarray, np.ndarray]:

@@ -3,8 +3,9 @@
 Encoding one request's features through the bundle's encoder costs more than the tower itself at batch 1: a
 profile goes through a typed Arrow table (~60 µs) and the encoder's per-column lookups (~120 µs), a 30-item
 history through an Arrow string array and the vocabulary or hash lookups (~100 µs; a slow 2-core host's figures).
-That runs on the HTTP process's event loop, once per micro-batch, and at light load every batch holds one or two
-requests. Both encodings are pure functions of what is memoised here:
+That runs once per micro-batch (with the model process: the profiles on the HTTP process's event loop, the
+histories in the child), and at light load every batch holds one or two requests. Both encodings are pure
+functions of what is memoised here:
 
 - a profile exactly as the bundle stores it (`UserState.profile_row`: no Redis field, no request feature) is
   encoded once per users.parquet row, the first time that user is served;
