@@ -83,6 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from index.factory import HNSW_EF_CONSTRUCTION
 from models.bundle import resolve_version
 from models.errors import QuiverError
+from service.settings import BATCH_CAP_PROCESS, BATCH_CAP_THREAD
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -815,6 +816,13 @@ def batch_buckets(delta: dict[str, float]) -> dict[str, int]:
     return out
 
 
+def batch_cap(args: argparse.Namespace) -> int:
+    """The measured servers' micro-batch limit: --batch-max-size, or the service's default for the layout."""
+    if args.batch_max_size is not None:
+        return args.batch_max_size
+    return BATCH_CAP_PROCESS if args.model_process == "on" else BATCH_CAP_THREAD
+
+
 def batch_sizes(micro: dict[str, Any], max_size: int, seed: int) -> list[int]:
     """A sequence of batch sizes with the server's histogram: each batch inside its bucket, the total equal to the
     requests the server batched. (The histogram keeps bucket counts and the sum, not each size: within its bucket
@@ -1203,7 +1211,7 @@ def run(args: argparse.Namespace) -> int:
                     micro = sat.get("stages", {}).get("microbatch")
                     if not micro or not micro.get("buckets"):
                         raise BenchError(f"{label}: the service reported no micro-batch sizes (quiver_batch_size)")
-                    sizes = batch_sizes(micro, args.batch_max_size or 64, args.seed + tries)
+                    sizes = batch_sizes(micro, batch_cap(args), args.seed + tries)
                     rnd = inproc.round(sizes, args.seed + tries)
                 noisy = max(sat.get("others_cpu_pct") or 0.0, (rnd or {}).get("others_cpu_pct") or 0.0)
                 if noisy > args.noise_max and tries < 3 * args.repeats:
@@ -1368,7 +1376,7 @@ def run(args: argparse.Namespace) -> int:
             "load": args.load,
             "request_users": len(users),
             "torch_threads": args.torch_threads,
-            "batch_max_size": args.batch_max_size,
+            "batch_max_size": batch_cap(args),
             "batch_max_wait_ms": args.batch_max_wait_ms,
             "workers": args.workers,
             "repeats": args.repeats,

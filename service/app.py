@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         remote = None
         if settings.model_process:
             cpus = plan(settings.model_cpus, settings.torch_threads, settings.workers)
-            remote = ModelProcess(settings.torch_threads, cpus)
+            remote = ModelProcess(settings.torch_threads, cpus, settings.batch_cap)
             log.info("model process CPUs: %s", "free" if cpus is None else f"{sorted(cpus.model)}, HTTP {cpus.http}")
             await remote.start()
         executor = ThreadPoolExecutor(
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             batcher = MicroBatcher(
                 partial(recall_remote, metrics, remote) if remote is not None else partial(recall_batch, metrics),
                 executor,
-                settings.batch_max_size,
+                settings.batch_cap,
                 settings.batch_max_wait_ms / 1000.0,
                 on_batch=metrics.batch_size.observe,
                 in_flight=IN_FLIGHT if remote is not None else 1,

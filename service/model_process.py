@@ -71,6 +71,7 @@ log = logging.getLogger("quiver.model_process")
 IN_FLIGHT = 3  # batches sent to the child at once (MicroBatcher in_flight)
 KEEP = 2  # triples the child holds: the served one and the one in-flight requests may still be on
 Versions = tuple[str, str, str | None]
+Batch = tuple[dict[str, Any], TowerInputs | None]  # a decoded batch: its head and the profiles' arrays
 
 
 class ModelProcessDown(QuiverError):
@@ -131,7 +132,7 @@ def encode_batch(seq: int, rt: Runtime, jobs: Sequence[RecallJob], inputs: Tower
     return b"".join([HEAD.pack(len(head)), head, *(a.data for a in arrays)])
 
 
-def decode_batch(data: bytes) -> tuple[dict[str, Any], TowerInputs | None]:
+def decode_batch(data: bytes) -> Batch:
     """The head and the tower inputs (None: no personalised job)."""
     (n,) = HEAD.unpack_from(data)
     head = orjson.loads(data[HEAD.size : HEAD.size + n])
@@ -191,7 +192,12 @@ def _error_answer(seq: Any, why: str) -> bytes:
 
 
 def _child_main(
-    batches: Connection, answers: Connection, control: Connection, threads: int, cpus: list[int] | None
+    batches: Connection,
+    answers: Connection,
+    control: Connection,
+    threads: int,
+    cpus: list[int] | None,
+    max_jobs: int = 1 << 30,
 ) -> None:
     if cpus:  # QUIVER_MODEL_CPUS: every thread, including any torch or FAISS started while this module was imported
         pin_process(frozenset(cpus))
@@ -232,11 +238,10 @@ def _child_main(
     # `Connection.poll` builds a selector per call; one poll object asks the same in a single system call
     queued = select.poll()
     queued.register(batches.fileno(), select.POLLIN)
+    carry: Batch | None = None
     while True:
         try:
-            waiting = [decode_batch(batches.recv_bytes())]
-            while queued.poll(0):  # what else queued while the last batch ran: one tower pass and search for all
-                waiting.append(decode_batch(batches.recv_bytes()))
+            waiting, carry = next_run(batches, queued, carry, max_jobs)
         except EOFError:  # the HTTP process closed the pipe or died: nothing left to serve
             return
         start = 0
@@ -247,7 +252,24 @@ def _child_main(
                 start = end
 
 
-def _answer_run(rt: Runtime | None, batches: list[tuple[dict[str, Any], TowerInputs | None]]) -> list[bytes]:
+def next_run(
+    batches: Connection, queued: select.poll, carry: Batch | None, max_jobs: int
+) -> tuple[list[Batch], Batch | None]:
+    """The batches the child computes next as one: the first (`carry`, read last time, or the next to arrive), then
+    whatever else already queued, while the run holds at most `max_jobs` requests. Returns the run and the batch read
+    beyond it, if any (the next run's first). Blocks only for the first."""
+    run = [carry if carry is not None else decode_batch(batches.recv_bytes())]
+    jobs = len(run[0][0]["jobs"])
+    while jobs < max_jobs and queued.poll(0):
+        batch = decode_batch(batches.recv_bytes())
+        jobs += len(batch[0]["jobs"])
+        if jobs > max_jobs:
+            return run, batch
+        run.append(batch)
+    return run, None
+
+
+def _answer_run(rt: Runtime | None, batches: list[Batch]) -> list[bytes]:
     """The answers to consecutive batches on one triple, computed as one batch (each gets its share of the time)."""
     msgs = [m for m, _ in batches]
     if rt is None:
@@ -285,9 +307,11 @@ class ModelProcess:
     Loads go over the control pipe from the reload's thread. Starting and replacing the child happen on the event
     loop (`_revive`, one at a time)."""
 
-    def __init__(self, threads: int, cpus: CpuPlan | None = None) -> None:
-        """cpus: where the child and this process run (QUIVER_MODEL_CPUS, service/cpus.py); None: anywhere."""
+    def __init__(self, threads: int, cpus: CpuPlan | None = None, max_jobs: int = 1 << 30) -> None:
+        """cpus: where the child and this process run (QUIVER_MODEL_CPUS, service/cpus.py); None: anywhere.
+        max_jobs: the most requests the child computes as one run (QUIVER_BATCH_MAX_SIZE)."""
         self.threads = threads
+        self.max_jobs = max_jobs
         self.cpus = cpus
         self._unpinned: dict[int, set[int]] | None = None  # this process's threads' CPUs before pinning
         self._ctx = mp.get_context("spawn")  # a fresh interpreter: no fork of a process holding threads and locks
@@ -345,7 +369,7 @@ class ModelProcess:
             cpus = sorted(self.cpus.model) if self.cpus is not None else None
             proc = self._ctx.Process(
                 target=_child_main,
-                args=(batches_in, answers_out, control_child, self.threads, cpus),
+                args=(batches_in, answers_out, control_child, self.threads, cpus, self.max_jobs),
                 name="quiver-model",
                 daemon=True,
             )

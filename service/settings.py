@@ -12,6 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.cpus import parse_cpus
 from service.sched_slice import MAX_US, MIN_US
 
+BATCH_CAP_PROCESS = 8  # QUIVER_BATCH_MAX_SIZE's default with the model process (Settings.batch_cap says why)
+BATCH_CAP_THREAD = 64  # and on the model thread
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUIVER_", extra="ignore")
@@ -65,7 +68,12 @@ class Settings(BaseSettings):
         "0: the kernel's default): a short one lets a woken request run soon on a busy CPU (service/sched_slice.py)",
     )
     microbatch: bool = Field(True, description="batch concurrent /recall requests into one tower pass and search")
-    batch_max_size: int = Field(64, ge=1, description="requests per micro-batch at most")
+    batch_max_size: int | None = Field(
+        None,
+        ge=1,
+        description="requests per micro-batch at most; unset: 8 with QUIVER_MODEL_PROCESS, 64 on the model thread "
+        "(`batch_cap`)",
+    )
     batch_max_wait_ms: float = Field(
         0.0, ge=0, description="extra wait for a batch to fill; 0: a batch is what queued while the last one ran"
     )
@@ -97,6 +105,19 @@ class Settings(BaseSettings):
         if self.admin_token is not None and not self.admin_token.get_secret_value().strip():
             self.admin_token = None  # an empty token (compose's `${VAR:-}`) turns admin off, never matches ""
         return self
+
+    @property
+    def batch_cap(self) -> int:
+        """The micro-batch's size limit. With the model process the HTTP process and the child work as two stages,
+        and they overlap only while a batch leaves requests for the other stage: at 32 concurrent requests, batches
+        of up to 64 let every request travel in one or two convoys, so each process sat idle while the other worked
+        (server CPU 106-131% of 200 in some runs). Capped at 8, both stay busy (~177%) and saturation rose from
+        2,800-3,800 to 4,600-4,900 req/s on the serve bench; 4 lost more to per-batch costs than it gained (bench/
+        README "serve.py"). On the model thread the GIL serialises the two anyway, and 64 beat 8 (2,500-2,800 vs
+        2,200-2,500 req/s)."""
+        if self.batch_max_size is not None:
+            return self.batch_max_size
+        return BATCH_CAP_PROCESS if self.model_process else BATCH_CAP_THREAD
 
     @property
     def index_name(self) -> str:

@@ -6,7 +6,9 @@ and the next request is answered by a new one."""
 
 import asyncio
 import contextlib
+import multiprocessing as mp
 import os
+import select
 import signal
 import threading
 import time
@@ -26,6 +28,7 @@ from service.batcher import MicroBatcher
 from service.cpus import process_threads
 from service.metrics import Metrics
 from service.model_process import (
+    HEAD,
     ModelProcess,
     Rendered,
     _answer_run,
@@ -34,6 +37,7 @@ from service.model_process import (
     decode_job,
     encode_answer,
     encode_batch,
+    next_run,
 )
 from service.reload import RuntimeHolder
 from service.runtime import BatchTimings, Found, RecallJob, find_target, load_runtime
@@ -242,6 +246,43 @@ def test_batches_that_queued_together_are_computed_as_one_and_answered_each(tree
     # a triple the child does not hold fails every batch of the run, by its own seq
     outs = [decode_answer(out) for out in _answer_run(None, msgs)]
     assert [(o["seq"], "not loaded" in o["error"]) for o in outs] == [(7, True), (8, True)]
+
+
+def test_a_run_merges_queued_batches_up_to_the_batch_cap() -> None:
+    """The child computes what queued as one run, but never more than QUIVER_BATCH_MAX_SIZE requests: a batch read
+    past the cap starts the next run instead (Settings.batch_cap says why)."""
+    read, write = mp.Pipe(duplex=False)
+    queued = select.poll()
+    queued.register(read.fileno(), select.POLLIN)
+
+    def send(seq: int, n: int) -> None:  # a batch of n popularity-only jobs, no profiles
+        head = orjson.dumps(
+            {
+                "seq": seq,
+                "versions": ["m", "i", None],
+                "jobs": [["u", False, 5, [], None, True, [], None]] * n,
+                "inputs": None,
+            }
+        )
+        write.send_bytes(HEAD.pack(len(head)) + head)
+
+    for seq, n in enumerate((3, 4, 2, 8)):
+        send(seq, n)
+    run, carry = next_run(read, queued, None, 8)
+    assert [b[0]["seq"] for b in run] == [0, 1] and carry is not None and carry[0]["seq"] == 2  # 3 + 4 + 2 > 8
+    run, carry = next_run(read, queued, carry, 8)
+    assert [b[0]["seq"] for b in run] == [2] and carry is not None and carry[0]["seq"] == 3  # 2 + 8 > 8
+    run, carry = next_run(read, queued, carry, 8)
+    assert [b[0]["seq"] for b in run] == [3] and carry is None  # at the cap: nothing more is read
+    for seq, n in enumerate((3, 4, 2)):
+        send(seq, n)
+    run, carry = next_run(read, queued, None, 64)  # under a larger cap everything queued is one run
+    assert [len(b[0]["jobs"]) for b in run] == [3, 4, 2] and carry is None
+    assert not queued.poll(0)
+    write.close()
+    with pytest.raises(EOFError):  # the HTTP process gone: the child's loop ends
+        next_run(read, queued, None, 8)
+    read.close()
 
 
 def test_a_load_the_model_process_refuses_refuses_the_triple(tree: Tree) -> None:

@@ -108,3 +108,14 @@ def test_settings_come_from_quiver_environment(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("QUIVER_BATCH_MAX_SIZE", "0")
     with pytest.raises(ValueError, match="batch_max_size"):
         Settings()
+
+
+def test_the_batch_cap_defaults_by_layout_and_follows_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUIVER_MODEL", "dssm")
+    assert Settings().batch_cap == 64  # the model thread: the GIL serialises the stages anyway
+    monkeypatch.setenv("QUIVER_MODEL_PROCESS", "true")
+    assert Settings().batch_cap == 8  # two processes overlap only with batches that leave requests for the other
+    monkeypatch.setenv("QUIVER_BATCH_MAX_SIZE", "24")
+    assert Settings().batch_cap == 24
+    monkeypatch.setenv("QUIVER_MODEL_PROCESS", "false")
+    assert Settings().batch_cap == 24
