@@ -197,7 +197,7 @@ def _child_main(
     control: Connection,
     threads: int,
     cpus: list[int] | None,
-    max_jobs: int = 1 << 30,
+    max_jobs: int,
 ) -> None:
     if cpus:  # QUIVER_MODEL_CPUS: every thread, including any torch or FAISS started while this module was imported
         pin_process(frozenset(cpus))
@@ -307,7 +307,7 @@ class ModelProcess:
     Loads go over the control pipe from the reload's thread. Starting and replacing the child happen on the event
     loop (`_revive`, one at a time)."""
 
-    def __init__(self, threads: int, cpus: CpuPlan | None = None, max_jobs: int = 1 << 30) -> None:
+    def __init__(self, threads: int, cpus: CpuPlan | None, max_jobs: int) -> None:
         """cpus: where the child and this process run (QUIVER_MODEL_CPUS, service/cpus.py); None: anywhere.
         max_jobs: the most requests the child computes as one run (QUIVER_BATCH_MAX_SIZE)."""
         self.threads = threads

@@ -111,10 +111,10 @@ class Settings(BaseSettings):
         """The micro-batch's size limit. With the model process the HTTP process and the child work as two stages,
         and they overlap only while a batch leaves requests for the other stage: at 32 concurrent requests, batches
         of up to 64 let every request travel in one or two convoys, so each process sat idle while the other worked
-        (server CPU 106-131% of 200 in some runs). Capped at 8, both stay busy (~177%) and saturation rose from
-        2,800-3,800 to 4,600-4,900 req/s on the serve bench; 4 lost more to per-batch costs than it gained (bench/
-        README "serve.py"). On the model thread the GIL serialises the two anyway, and 64 beat 8 (2,500-2,800 vs
-        2,200-2,500 req/s)."""
+        (server CPU 106-131% of 200 in some runs). Capped at 8, both stay busy (~177%): in interleaved saturation
+        runs on the serve bench, 64 gave 2,824-4,790 req/s (6 of 8 runs under 4,000) and 8 gave 3,924-4,917 (6 of 8
+        over 4,600); 4 lost more to per-batch costs than it gained (bench/README "serve.py"). On the model thread
+        the GIL serialises the two anyway, and 64 beat 8 (2,500-2,800 vs 2,200-2,500 req/s)."""
         if self.batch_max_size is not None:
             return self.batch_max_size
         return BATCH_CAP_PROCESS if self.model_process else BATCH_CAP_THREAD
